@@ -1,0 +1,291 @@
+"""
+test_all.py: fast invariant tests for train.py and the four paper scripts (pytest test_all.py).
+Tiny models, fixed seeds; the whole file runs in well under a minute on 2 CPU cores.
+Anything slower is marked `slow` and skipped by default (run those with `pytest test_all.py -m slow`).
+"""
+import dataclasses, os, signal, subprocess, sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train
+from train import TrainConfig, TransformerLM, parse_config
+
+torch.set_num_threads(1)  # 2 threads on a shared 2-core box run slower (OpenMP oversubscription)
+ROOT = Path(__file__).resolve().parent
+
+
+def run_cli(*args, timeout=120):
+    """Run a repository script as a user would; return (exit code, stderr)."""
+    p = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return p.returncode, p.stderr
+
+# ----------------------------------------------------------------------------------------------
+# train.py: config and command line
+
+
+@dataclasses.dataclass
+class ToyConfig(TrainConfig):
+    width: int = 16  # model width
+    name: str = "toy"  # a string flag
+
+
+def test_train_config_parses_typed_values():
+    cfg = parse_config(ToyConfig, "toy", ["--lr=0.01", "--gpu", "--max_steps", "7", "--resume=false", "--name=x"])
+    assert (cfg.lr, cfg.gpu, cfg.max_steps, cfg.resume, cfg.name) == (0.01, True, 7, False, "x")
+    assert cfg.out == os.path.join("out", "toy") and isinstance(cfg.lr, float)
+
+
+@pytest.mark.parametrize("argv", [["--lr=-1"], ["--nope=1"], ["--max_steps=1.5"], ["--gpu=maybe"],
+                                  ["--compile_backend=magic"], ["--grad_accum=0"], ["--lr=nan"]])
+def test_train_config_rejects_bad_values(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_config(ToyConfig, "toy", argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "error" in err  # one line, no usage dump
+
+
+def test_train_help_text_comes_from_field_comments(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(ToyConfig, "toy", ["--help"])
+    out = capsys.readouterr().out
+    assert "model width" in out and "peak learning rate" in out
+
+
+def test_train_cli_bad_input_is_one_line_without_traceback():
+    code, err = run_cli("train.py", "--bench", "--lr=-3")
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    code, err = run_cli("train.py", "--bench", "--gpu") if not torch.cuda.is_available() else (1, "error: x")
+    assert code == 1 and "Traceback" not in err and err.startswith("error:")
+
+# ----------------------------------------------------------------------------------------------
+# train.py: the shared block
+
+
+@pytest.mark.parametrize("causal,window", [(True, 0), (True, 3), (False, 0)])
+def test_train_block_causality_by_perturbation(causal, window):
+    torch.manual_seed(0)
+    model = TransformerLM(11, 2, 2, 16, causal=causal, window=window).eval()
+    x = torch.randint(0, 11, (2, 12))
+    y = x.clone()
+    y[:, 7:] = (y[:, 7:] + 1) % 11  # change every token from position 7 on
+    a, b = model(x), model(y)
+    if causal:
+        torch.testing.assert_close(a[:, :7], b[:, :7])  # the past never sees the future
+    else:
+        assert not torch.allclose(a[:, :7], b[:, :7])  # bidirectional: it does
+    if window:  # with a window of 3 (two layers), position 1 cannot see position 6
+        z = x.clone(); z[:, 0] = (z[:, 0] + 1) % 11
+        torch.testing.assert_close(model(z)[:, 6:], a[:, 6:])
+
+
+def test_train_kv_cache_generation_matches_full_forward():
+    torch.manual_seed(0)
+    model = TransformerLM(13, 2, 2, 16).eval()
+    x = torch.randint(0, 13, (3, 9))
+    full = model(x)
+    caches = model.new_caches()
+    parts = [model(x[:, :5], caches=caches)] + [model(x[:, t:t + 1], caches=caches) for t in range(5, 9)]
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_train_rope_positions_are_relative():
+    # RoPE makes attention scores depend on position differences only: shifting all positions
+    # (as hnet_rl does with byte positions of chunks) leaves a causal model's output unchanged.
+    torch.manual_seed(0)
+    model = TransformerLM(7, 1, 2, 16).eval()
+    x = torch.randint(0, 7, (1, 6))
+    pos = torch.arange(6)
+    torch.testing.assert_close(model(x, pos=pos), model(x, pos=pos + 40), atol=1e-4, rtol=1e-4)
+
+# ----------------------------------------------------------------------------------------------
+# train.py: the loop
+
+
+def toy_setup(tmp_path, **over):
+    kw = dict(out=str(tmp_path), max_steps=6, warmup=2, batch_size=4, lr=1e-2, log_every=1)
+    cfg = TrainConfig(**{**kw, **over})
+    ctx = train.setup(cfg)
+    torch.manual_seed(0)
+    model = TransformerLM(8, 1, 2, 16)
+
+    def get_batch(i):  # deterministic in i: what makes resume exact
+        g = torch.Generator().manual_seed(1000 + i)
+        return torch.randint(0, 8, (cfg.batch_size, 9), generator=g)
+
+    def loss_fn(m, x):
+        logits = m(x[:, :-1])
+        noise = torch.randn(()) * 1e-3  # uses the global RNG, which the checkpoint must restore
+        return F.cross_entropy(logits.reshape(-1, 8), x[:, 1:].reshape(-1)) + noise, {"items": x.numel()}
+
+    return cfg, ctx, model, get_batch, loss_fn
+
+
+def test_train_lr_schedule_endpoints():
+    cfg = TrainConfig(lr=1.0, warmup=4, max_steps=20, min_lr_ratio=0.1)
+    assert train.lr_at(0, cfg) == 0.25 and train.lr_at(3, cfg) == 1.0
+    assert train.lr_at(4, cfg) == pytest.approx(1.0) and train.lr_at(20, cfg) == pytest.approx(0.1)
+
+
+def test_train_loss_falls_and_checkpoint_round_trips(tmp_path):
+    cfg, ctx, model, get_batch, loss_fn = toy_setup(tmp_path, max_steps=30)
+    fixed = get_batch(0)
+    out = train.train(model, lambda i: fixed, loss_fn, cfg, ctx)
+    assert out["history"][-1]["loss"] < out["history"][0]["loss"] - 0.3
+    ck = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert ck["step"] == 30 and ck["config"]["max_steps"] == 30
+    fresh = TransformerLM(8, 1, 2, 16)
+    fresh.load_state_dict(ck["model"])
+    for a, b in zip(fresh.parameters(), model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_train_interrupt_then_resume_equals_uninterrupted(tmp_path):
+    cfg, ctx, ref, get_batch, loss_fn = toy_setup(tmp_path / "a")
+    train.train(ref, get_batch, loss_fn, cfg, ctx)
+
+    cfg, ctx, model, get_batch, loss_fn = toy_setup(tmp_path / "b")
+
+    def interrupted(i):  # Ctrl-C arrives while step 3 is running
+        if i == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return get_batch(i)
+
+    with pytest.raises(SystemExit) as e:
+        train.train(model, interrupted, loss_fn, cfg, ctx)
+    assert e.value.code == 130
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["step"] == 4  # finished the step it was in
+    cfg2, ctx, model2, _, _ = toy_setup(tmp_path / "b", resume=True)
+    torch.manual_seed(123)  # resume must not depend on the RNG state it starts from
+    train.train(model2, get_batch, loss_fn, cfg2, ctx)
+    for a, b in zip(ref.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_train_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    train.atomic_save({"step": 1}, path)
+
+    def broken_save(obj, f):
+        Path(f).write_bytes(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        train.atomic_save({"step": 2}, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
+    assert torch.load(path, weights_only=False)["step"] == 1  # the old good checkpoint survives
+
+
+def test_train_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
+    cfg, ctx, model, get_batch, loss_fn = toy_setup(tmp_path, ckpt_every=2)
+
+    def batches(i):
+        x = get_batch(i)
+        if i == 3:
+            x[0, 0] = -1  # marks the step whose loss will be NaN
+        return x
+
+    def guarded(m, x):
+        if x[0, 0] == -1:
+            x = x.clone(); x[0, 0] = 0
+            return loss_fn(m, x)[0] * float("nan"), {}
+        return loss_fn(m, x)
+
+    with pytest.raises(SystemExit) as e:
+        train.train(model, batches, guarded, cfg, ctx)
+    assert e.value.code == 1 and "loss became nan at step 3" in capsys.readouterr().err
+    ck = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert ck["step"] == 2 and all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
+def test_train_compile_matches_eager(tmp_path):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = TransformerLM(8, 1, 2, 16)
+    x = torch.randint(0, 8, (2, 9))
+    cfg = TrainConfig(compile=True, compile_backend="aot_eager")
+    fast = train.maybe_compile(model, cfg)
+    loss = lambda m: F.cross_entropy(m(x[:, :-1]).reshape(-1, 8), x[:, 1:].reshape(-1))
+    torch.testing.assert_close(loss(fast), loss(model))
+    torch._dynamo.reset()
+
+
+def _ddp_worker(rank, world, port, tmp, out):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    cfg, ctx, model, get_batch, _ = toy_setup(Path(tmp), max_steps=1, warmup=1)
+    loss_fn = lambda m, x: (F.cross_entropy(m(x[:, :-1]).reshape(-1, 8), x[:, 1:].reshape(-1)), {})
+    train.train(model, get_batch, loss_fn, cfg, ctx)
+    if rank == 0:
+        torch.save(model.state_dict(), out)
+    torch.distributed.destroy_process_group()
+
+
+def test_train_ddp_two_processes_equal_one_process(tmp_path):
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path / "ddp"), str(tmp_path / "ddp.pt")), nprocs=2)
+    cfg, ctx, model, get_batch, _ = toy_setup(tmp_path / "one", max_steps=1, warmup=1)
+    loss_fn = lambda m, x: (F.cross_entropy(m(x[:, :-1]).reshape(-1, 8), x[:, 1:].reshape(-1)), {})
+    train.train(model, get_batch, loss_fn, cfg, ctx)
+    ddp = torch.load(tmp_path / "ddp.pt")
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(ddp[k], v, atol=1e-6, rtol=1e-5)
+
+# ----------------------------------------------------------------------------------------------
+# train.py: results and data
+
+
+def test_train_results_json_and_figure(tmp_path):
+    cfg = TrainConfig(out=str(tmp_path))
+    ctx = train.setup(cfg)
+    path = train.save_results(cfg, ctx, {"metric": 1.5})
+    import json
+    d = json.loads(path.read_text())
+    assert d["metric"] == 1.5 and d["config"]["lr"] == cfg.lr and d["torch"] == torch.__version__
+    fig = train.save_figure(tmp_path / "f.png", lambda plt: plt.plot([1, 2]) and None)
+    assert fig is None or fig.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_train_embedded_corpora_split_is_deterministic_and_disjoint():
+    tr, va = train.embedded_text("prose", "train"), train.embedded_text("prose", "val")
+    assert len(tr) > 300_000 and len(va) > 10_000 and va not in tr
+    assert train.embedded_text("prose", "val") == va
+
+
+def test_train_downloader_checks_and_leaves_nothing_on_failure(tmp_path):
+    src = tmp_path / "src.txt"
+    src.write_bytes(b"hello world\n" * 100)
+    url = src.as_uri()
+    import hashlib
+    good = hashlib.sha256(src.read_bytes()).hexdigest()
+    with pytest.raises(train.DataError, match="sha256"):
+        train.download_url(url, tmp_path / "d" / "x.txt", sha256="0" * 64)
+    assert list((tmp_path / "d").iterdir()) == []  # no partial file
+    with pytest.raises(train.DataError, match="size"):
+        train.download_url(url, tmp_path / "d" / "x.txt", size=5)
+    with pytest.raises(train.DataError, match="by hand"):
+        train.download_url((tmp_path / "missing.txt").as_uri(), tmp_path / "d" / "y.txt")
+    assert list((tmp_path / "d").iterdir()) == []
+    p = train.download_url(url, tmp_path / "d" / "x.txt", size=1200, sha256=good)
+    assert p.read_bytes() == src.read_bytes()
+    src.unlink()  # cached: a second call does not fetch again
+    assert train.download_url(url, tmp_path / "d" / "x.txt", size=1200, sha256=good) == p
+
+
+def test_train_bpe_fallback_round_trips_and_caches(tmp_path):
+    text = train.embedded_text("prose", "val")[:20_000]
+    enc = train.get_tokenizer("bpe", text, 400, tmp_path)
+    assert enc.n_vocab == 401
+    for s in ["The quick brown fox's 123 jumps!\n\n  done", "naïve café ✓ — emoji 🙂", text[-500:].decode()]:
+        assert enc.decode(enc.encode_ordinary(s)) == s
+    assert len(enc.encode_ordinary(text.decode())) < 0.6 * len(text)  # 144 merges already halve it, nearly
+    enc2 = train.get_tokenizer("bpe", text, 400, tmp_path)  # from the cached ranks file
+    assert enc2.encode_ordinary(text.decode()) == enc.encode_ordinary(text.decode())
