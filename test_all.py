@@ -289,3 +289,13 @@ def test_train_bpe_fallback_round_trips_and_caches(tmp_path):
     assert len(enc.encode_ordinary(text.decode())) < 0.6 * len(text)  # 144 merges already halve it, nearly
     enc2 = train.get_tokenizer("bpe", text, 400, tmp_path)  # from the cached ranks file
     assert enc2.encode_ordinary(text.decode()) == enc.encode_ordinary(text.decode())
+
+
+def test_train_rope_eager_and_compiled_formulas_agree(monkeypatch):
+    x = torch.randn(2, 3, 5, 8)
+    cos, sin = train.rope_angles(torch.arange(5) * 3, 8)
+    eager = train.apply_rope(x, cos, sin)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    torch.testing.assert_close(train.apply_rope(x, cos, sin), eager)
+    # a rotation keeps each pair's norm
+    torch.testing.assert_close(eager.norm(dim=-1), x.norm(dim=-1))

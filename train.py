@@ -5,7 +5,7 @@ Read it top to bottom; each section is one idea:
   config/CLI    a @dataclass per script becomes an argparse parser (`--key=value`)
   device        CPU fp32 eager by default; `--gpu` = CUDA, bf16 autocast, TF32, fused AdamW,
                 torch.compile (inductor if Triton imports, else the Triton-free `cudagraphs`)
-  model         the shared pre-norm Transformer block (RMSNorm, RoPE, SDPA attention with a
+  model         the shared pre-norm Transformer block (LayerNorm, RoPE, SDPA attention with a
                 causal flag and an optional sliding window, GELU MLP) and a plain LM built from it
   loop          train(model, get_batch, loss_fn, cfg, ctx): warm-up + cosine LR, clipping,
                 accumulation, eval callback, tqdm, atomic checkpoints, exact resume, Ctrl-C, NaN guard,
@@ -190,11 +190,16 @@ def rope_angles(pos, head_dim, base=10000.0):
     return ang.cos(), ang.sin()
 
 
-def apply_rope(x, cos, sin):  # x: (B, nh, T, hs); cos/sin: (T, hs/2) or (B, T, hs/2)
+def apply_rope(x, cos, sin):  # x: (..., B, nh, T, hs); cos/sin: (T, hs/2) or (B, T, hs/2)
+    """Rotate each pair (x[2i], x[2i+1]) by the angle pos * freq[i]."""
     if cos.dim() == 3:
         cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).type_as(x)
+    pairs = x.float().unflatten(-1, (-1, 2))  # (..., hs/2, 2)
+    if torch.compiler.is_compiling():  # real arithmetic: what inductor fuses best
+        a, b = pairs.unbind(-1)
+        return torch.stack([a * cos - b * sin, a * sin + b * cos], -1).flatten(-2).type_as(x)
+    # eager: one complex multiply is 2.4x faster on CPU than the four real ones above
+    return torch.view_as_real(torch.view_as_complex(pairs) * torch.complex(cos, sin)).flatten(-2).type_as(x)
 
 
 class Attention(nn.Module):
@@ -207,8 +212,8 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, cache=None, attn_mask=None):
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hs)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qkv = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
+        (q, k), v = apply_rope(qkv[:2], cos, sin), qkv[2]  # one rotation call for q and k together
         past = 0
         if cache is not None:  # KV cache for generation: append this call's keys and values
             if "k" in cache:
@@ -236,11 +241,13 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm Transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm Transformer block: x + attn(norm(x)), then x + mlp(norm(x)).
+    LayerNorm without bias rather than RMSNorm: on CPU, F.layer_norm is one fused kernel while
+    F.rms_norm is composed of several (4.6x slower in eager at 384 wide); on GPU compile fuses both."""
 
     def __init__(self, n_embd, n_head, causal=True, window=0, mlp_ratio=4):
         super().__init__()
-        self.norm1, self.norm2 = nn.RMSNorm(n_embd), nn.RMSNorm(n_embd)
+        self.norm1, self.norm2 = nn.LayerNorm(n_embd, bias=False), nn.LayerNorm(n_embd, bias=False)
         self.attn = Attention(n_embd, n_head, causal, window)
         self.mlp = MLP(n_embd, mlp_ratio)
 
@@ -266,7 +273,7 @@ class TransformerLM(nn.Module):
         self.n_head = n_head
         self.wte = nn.Embedding(vocab_size, n_embd)
         self.blocks = nn.ModuleList(Block(n_embd, n_head, causal, window) for _ in range(n_layer))
-        self.norm = nn.RMSNorm(n_embd)
+        self.norm = nn.LayerNorm(n_embd, bias=False)
         self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
         init_weights(self, n_layer)
 
