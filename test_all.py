@@ -1,7 +1,7 @@
 """
 test_all.py: fast invariant tests for train.py and the four paper scripts (pytest test_all.py).
 Tiny models, fixed seeds; the whole file runs in well under a minute on 2 CPU cores.
-Anything slower is marked `slow` and skipped by default (run those with `pytest test_all.py -m slow`).
+Anything slower is marked `@slow` and skipped by default (RUN_SLOW=1 python -m pytest test_all.py).
 """
 import dataclasses, os, signal, subprocess, sys
 from pathlib import Path
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import train
 from train import TrainConfig, TransformerLM, parse_config
 
+slow = pytest.mark.skipif(not os.environ.get("RUN_SLOW"), reason="slow: run with RUN_SLOW=1")
 torch.set_num_threads(1)  # 2 threads on a shared 2-core box run slower (OpenMP oversubscription)
 ROOT = Path(__file__).resolve().parent
 
