@@ -30,7 +30,7 @@ def run_cli(*args, timeout=120):
 
 @dataclasses.dataclass
 class ToyConfig(TrainConfig):
-    width: int = 16  # model width
+    width: int = 16  # model width (90% of it)
     name: str = "toy"  # a string flag
 
 
@@ -54,7 +54,7 @@ def test_train_help_text_comes_from_field_comments(capsys):
     with pytest.raises(SystemExit):
         parse_config(ToyConfig, "toy", ["--help"])
     out = capsys.readouterr().out
-    assert "model width" in out and "peak learning rate" in out
+    assert "model width (90% of it)" in out and "peak learning rate" in out
 
 
 def test_train_cli_bad_input_is_one_line_without_traceback():

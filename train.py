@@ -50,6 +50,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-steps per optimizer step
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
     weight_decay: float = 0.1  # AdamW weight decay on matrices (not on norms, biases, embeddings)
+    beta2: float = 0.95  # AdamW second-moment decay (beta1 is 0.9)
     log_every: int = 10  # steps between progress-bar/loss-history updates
     eval_every: int = 0  # steps between eval callbacks (0 = only at the end)
     ckpt_every: int = 0  # steps between checkpoints (0 = only at the end and on Ctrl-C)
@@ -72,7 +73,7 @@ def _field_help(cls):
         for line in inspect.getsource(klass).splitlines():
             m = re.match(r"\s*(\w+)\s*:[^=#]+=[^#]*#\s*(.+)$", line)
             if m:
-                helps[m.group(1)] = m.group(2).strip()
+                helps[m.group(1)] = m.group(2).strip().replace("%", "%%")  # argparse %-formats help
     return helps
 
 
@@ -310,7 +311,7 @@ def make_optimizer(model, cfg, ctx):
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2 and "wte" not in n]
     rest = [p for n, p in model.named_parameters() if p.requires_grad and not (p.dim() >= 2 and "wte" not in n)]
     groups = [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=rest, weight_decay=0.0)]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=ctx.gpu)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2), fused=ctx.gpu)
 
 
 def _to(batch, device, rank=0, world=1):
