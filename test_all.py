@@ -311,92 +311,94 @@ import diffusion_vs_ar as dva
 # diffusion_vs_ar.py
 
 
-V, L = 3, 3
+DVA_V, DVA_L = 3, 3
 
 
-ALL_X = torch.tensor(list(itertools.product(range(V), repeat=L)))  # (27, 3) every sequence
+DVA_ALL_X = torch.tensor(list(itertools.product(range(DVA_V), repeat=DVA_L)))  # (27, 3) every sequence
 
 
-def tiny_net(kind, seed=0, sharpen=0.0):
+def dva_tiny_net(kind, seed=0, sharpen=0.0):
     """A 1-layer, 8-wide trunk; sharpen > 0 redraws the output layer with that std, so the toy
     distribution is far from uniform (GPT-2 init gives nearly uniform outputs)."""
     cfg = dva.Config(widths="8", n_layer=1, n_head=2, seed=seed)
-    net = dva.build(kind, cfg, V, 8).eval()
+    net = dva.build(kind, cfg, DVA_V, 8).eval()
     if sharpen:
         with torch.no_grad():
             net.lm_head.weight.normal_(0, sharpen, generator=torch.Generator().manual_seed(seed + 1))
     return net
 
 
-def toy_data(seed=0):
+def dva_toy_data(seed=0):
     g = torch.Generator().manual_seed(seed)
-    return torch.softmax(3 * torch.randn(len(ALL_X), generator=g, dtype=torch.float64), 0)  # (27,)
+    return torch.softmax(3 * torch.randn(len(DVA_ALL_X), generator=g, dtype=torch.float64), 0)  # (27,)
 
 
-def exact_denoiser(p_data):
+def dva_exact_denoiser(p_data):
     """The true conditionals: logits[b, l, v] = log p(x_l = v | the unmasked tokens of z_b)."""
     def model(z):
-        out = torch.full((*z.shape, V + 1), -1e9, dtype=torch.float64)
+        out = torch.full((*z.shape, DVA_V + 1), -1e9, dtype=torch.float64)
         for b, row in enumerate(z):
-            keep = ((ALL_X == row) | (row == V)).all(1)  # sequences consistent with the unmasked tokens
+            keep = ((DVA_ALL_X == row) | (row == DVA_V)).all(1)  # sequences consistent with the unmasked tokens
             w = p_data * keep
-            for l in range(L):
-                out[b, l, :V] = torch.stack([w[ALL_X[:, l] == v].sum() for v in range(V)]).log()
+            for l in range(DVA_L):
+                out[b, l, :DVA_V] = torch.stack([w[DVA_ALL_X[:, l] == v].sum() for v in range(DVA_V)]).log()
         return out
     return model
 
 
-def nelbo_exact(model, x):
+def dva_nelbo_exact(model, x):
     """The k-form NELBO in nats per sequence, by enumerating every masked subset: sum_k (1/k) mean_S."""
     total = torch.zeros(len(x), dtype=torch.float64)
-    for k in range(1, L + 1):
-        subsets = list(itertools.combinations(range(L), k))
+    for k in range(1, DVA_L + 1):
+        subsets = list(itertools.combinations(range(DVA_L), k))
         for S in subsets:
             masked = torch.zeros(x.shape, dtype=torch.bool)
             masked[:, list(S)] = True
-            nll, _ = dva.masked_nll(model, x, masked, V)
+            nll, _ = dva.masked_nll(model, x, masked, DVA_V)
             total += nll.double().sum(1) / k / len(subsets)
     return total
 
 
-def any_order_nll(model, x):
+def dva_any_order_nll(model, x):
     """-log p_theta(x) of the continuous-time sampler: a uniform mixture over the L! unmasking orders."""
     logps = []
-    for order in itertools.permutations(range(L)):
-        lp, z = torch.zeros(len(x), dtype=torch.float64), torch.full_like(x, V)
+    for order in itertools.permutations(range(DVA_L)):
+        lp, z = torch.zeros(len(x), dtype=torch.float64), torch.full_like(x, DVA_V)
         for l in order:
-            logp = model(z)[..., :V].double().log_softmax(-1)
+            logp = model(z)[..., :DVA_V].double().log_softmax(-1)
             lp += logp[torch.arange(len(x)), l, x[:, l]]
             z[:, l] = x[:, l]
         logps.append(lp)
-    return -(torch.logsumexp(torch.stack(logps), 0) - math.log(len(logps)))
+    logps = torch.stack(logps)  # (L!, B)
+    return -(torch.logsumexp(logps, 0) - math.log(len(logps))), -logps.mean(0)  # NLL, expected order NLL
 
 
 def test_dva_exact_denoiser_nelbo_equals_nll():
-    p = toy_data()
-    nelbo = nelbo_exact(exact_denoiser(p), ALL_X)
+    p = dva_toy_data()
+    nelbo = dva_nelbo_exact(dva_exact_denoiser(p), DVA_ALL_X)
     assert torch.allclose(nelbo, -p.log(), atol=1e-5)
 
 
 @torch.no_grad()
 def test_dva_nelbo_bounds_sampler_nll_and_entropy():
-    net, p = tiny_net("mdlm", sharpen=1.0), toy_data()
-    nelbo, nll = nelbo_exact(net, ALL_X), any_order_nll(net, ALL_X)
+    net, p = dva_tiny_net("mdlm", sharpen=1.0), dva_toy_data()
+    nelbo, (nll, order_nll) = dva_nelbo_exact(net, DVA_ALL_X), dva_any_order_nll(net, DVA_ALL_X)
     assert abs(float(torch.exp(-nll).sum()) - 1) < 1e-5  # the sampler's distribution is normalised
     assert (nelbo >= nll - 1e-5).all() and (nelbo - nll).max() > 1e-3  # a bound, and not trivially tight
-    # the k-form is the expected any-order NLL (Jensen gives the bound above)
+    # the k-form is exactly the expected NLL over random unmasking orders (Jensen then gives the bound)
+    assert torch.allclose(nelbo, order_nll, atol=1e-5)
     assert float((p * nelbo).sum()) >= float(-(p * p.log()).sum())  # E_data NELBO >= H(p_data)
 
 
 @torch.no_grad()
 def test_dva_t_form_and_k_form_agree_in_expectation():
-    net = tiny_net("mdlm", sharpen=1.0)
-    x = ALL_X[[5, 17]]
-    exact = nelbo_exact(net, x) / L  # nats/token
+    net = dva_tiny_net("mdlm", sharpen=1.0)
+    x = DVA_ALL_X[[5, 17]]
+    exact = dva_nelbo_exact(net, x) / DVA_L  # nats/token
     torch.manual_seed(0)
     rows = x.repeat(20000, 1)
-    est_t = dva.mdlm_nelbo_at(net, rows, V, dva.antithetic_times(len(rows), 1e-3, "cpu")).double().view(-1, 2)
-    kform = [dva.nelbo_kform(net, x[i:i + 1], V, 4000, torch.Generator().manual_seed(i), 4000) for i in range(2)]
+    est_t = dva.mdlm_nelbo_at(net, rows, DVA_V, dva.antithetic_times(len(rows), 1e-3, "cpu")).double().view(-1, 2)
+    kform = [dva.nelbo_kform(net, x[i:i + 1], DVA_V, 4000, torch.Generator().manual_seed(i), 4000) for i in range(2)]
     for i in range(2):
         se_t = est_t[:, i].std() / math.sqrt(len(est_t))
         assert abs(est_t[:, i].mean() - exact[i]) < 4 * se_t + 1e-3  # eps clipping costs O(eps)
@@ -406,34 +408,34 @@ def test_dva_t_form_and_k_form_agree_in_expectation():
 
 def test_dva_subs_only_masked_positions_get_gradient():
     torch.manual_seed(0)
-    logits = torch.randn(4, 6, V + 1, requires_grad=True)
-    x = torch.randint(0, V, (4, 6))
+    logits = torch.randn(4, 6, DVA_V + 1, requires_grad=True)
+    x = torch.randint(0, DVA_V, (4, 6))
     masked = torch.rand(4, 6) < 0.5
-    nll, _ = dva.masked_nll(lambda z: logits, x, masked, V)
+    nll, _ = dva.masked_nll(lambda z: logits, x, masked, DVA_V)
     nll.sum().backward()
     g = logits.grad
-    assert (g[~masked] == 0).all() and (g[..., V] == 0).all()  # unmasked positions and the MASK column
-    assert (g[masked][:, :V].abs().sum(-1) > 0).all()
+    assert (g[~masked] == 0).all() and (g[..., DVA_V] == 0).all()  # unmasked positions and the MASK column
+    assert (g[masked][:, :DVA_V].abs().sum(-1) > 0).all()
     # no position masked (t -> 0) => exactly zero loss
     with torch.no_grad():
-        assert float(dva.mdlm_nelbo_at(lambda z: logits, x, V, torch.full((4,), 1e-12)).abs().sum()) == 0.0
+        assert float(dva.mdlm_nelbo_at(lambda z: logits, x, DVA_V, torch.full((4,), 1e-12)).abs().sum()) == 0.0
 
 
 @torch.no_grad()
 def test_dva_ar_probabilities_sum_to_one():
-    net = tiny_net("ar", sharpen=1.0)
-    nll, _ = dva.ar_nll(net, ALL_X, V)
+    net = dva_tiny_net("ar", sharpen=1.0)
+    nll, _ = dva.ar_nll(net, DVA_ALL_X, DVA_V)
     assert abs(float(torch.exp(-nll.double().sum(1)).sum()) - 1) < 1e-5
 
 
 @torch.no_grad()
 def test_dva_trunks_causal_vs_bidirectional_same_params():
-    ar, md = tiny_net("ar"), tiny_net("mdlm")
+    ar, md = dva_tiny_net("ar"), dva_tiny_net("mdlm")
     assert dva.count_params(ar) == dva.count_params(md) and ar.state_dict().keys() == md.state_dict().keys()
     assert all(torch.equal(a, b) for a, b in zip(ar.state_dict().values(), md.state_dict().values()))
-    x = torch.randint(0, V, (2, 8), generator=torch.Generator().manual_seed(0))
+    x = torch.randint(0, DVA_V, (2, 8), generator=torch.Generator().manual_seed(0))
     y = x.clone()
-    y[:, -1] = (y[:, -1] + 1) % V  # change only the last token
+    y[:, -1] = (y[:, -1] + 1) % DVA_V  # change only the last token
     assert torch.equal(ar(x)[:, :-1], ar(y)[:, :-1])  # AR: the past never sees the future
     assert not torch.allclose(md(x)[:, :-1], md(y)[:, :-1])  # diffusion: every position sees it
     assert torch.allclose(ar(x[:, :1]), md(x[:, :1]))  # identical trunks on a length-1 input
@@ -441,33 +443,33 @@ def test_dva_trunks_causal_vs_bidirectional_same_params():
 
 @torch.no_grad()
 def test_dva_samplers_match_model_distribution_chi2():
-    net, steps, n = tiny_net("mdlm", sharpen=1.0), 4, 20000
-    # exact law of the 4-step ancestral sampler: a Markov chain over the (V+1)^L partially masked states
-    states = torch.tensor(list(itertools.product(range(V + 1), repeat=L)))
+    net, steps, n = dva_tiny_net("mdlm", sharpen=1.0), 4, 20000
+    # exact law of the 4-step ancestral sampler: a Markov chain over the (V+1)^L = 64 partially masked states
+    states = torch.tensor(list(itertools.product(range(DVA_V + 1), repeat=DVA_L)))
     index = {tuple(s.tolist()): i for i, s in enumerate(states)}
     prob = torch.zeros(len(states), dtype=torch.float64)
-    prob[index[(V,) * L]] = 1
-    p_tok = net(states)[..., :V].double().softmax(-1)  # (64, L, V): no time input, so the same every step
+    prob[index[(DVA_V,) * DVA_L]] = 1
+    p_tok = net(states)[..., :DVA_V].double().softmax(-1)  # (64, L, V): no time input, so the same every step
     times = torch.linspace(1, 0, steps + 1, dtype=torch.float64).tolist()
     for t, s in zip(times[:-1], times[1:]):
         new = torch.zeros_like(prob)
         for i in prob.nonzero().flatten().tolist():
-            options = [[(v, (1 - s / t) * float(p_tok[i, l, v])) for v in range(V)] + [(V, s / t)]
-                       if states[i, l] == V else [(int(states[i, l]), 1.0)] for l in range(L)]
+            options = [[(v, (1 - s / t) * float(p_tok[i, l, v])) for v in range(DVA_V)] + [(DVA_V, s / t)]
+                       if states[i, l] == DVA_V else [(int(states[i, l]), 1.0)] for l in range(DVA_L)]
             for combo in itertools.product(*options):
                 new[index[tuple(c[0] for c in combo)]] += prob[i] * math.prod(c[1] for c in combo)
         prob = new
-    expected = torch.stack([prob[index[tuple(x.tolist())]] for x in ALL_X])
+    expected = torch.stack([prob[index[tuple(x.tolist())]] for x in DVA_ALL_X])
     assert abs(float(expected.sum()) - 1) < 1e-9
-    got = dva.sample_mdlm(net, V, n, L, steps, torch.Generator().manual_seed(0))
-    counts = (got @ torch.tensor([V * V, V, 1]) == torch.arange(len(ALL_X))[:, None]).sum(1).double()
+    got = dva.sample_mdlm(net, DVA_V, n, DVA_L, steps, torch.Generator().manual_seed(0))
+    counts = (got @ torch.tensor([DVA_V * DVA_V, DVA_V, 1]) == torch.arange(len(DVA_ALL_X))[:, None]).sum(1).double()
     chi2 = float(((counts - n * expected) ** 2 / (n * expected)).sum())
     assert chi2 < 54.05  # 99.9% quantile of chi^2 with 26 degrees of freedom
     # AR: exact probabilities from the chain rule vs the KV-cached sampler
-    ar = tiny_net("ar", sharpen=1.0)
-    expected = torch.exp(-dva.ar_nll(ar, ALL_X, V)[0].double().sum(1))
-    got = dva.sample_ar(ar, V, n, L, torch.Generator().manual_seed(1))
-    counts = (got @ torch.tensor([V * V, V, 1]) == torch.arange(len(ALL_X))[:, None]).sum(1).double()
+    ar = dva_tiny_net("ar", sharpen=1.0)
+    expected = torch.exp(-dva.ar_nll(ar, DVA_ALL_X, DVA_V)[0].double().sum(1))
+    got = dva.sample_ar(ar, DVA_V, n, DVA_L, torch.Generator().manual_seed(1))
+    counts = (got @ torch.tensor([DVA_V * DVA_V, DVA_V, 1]) == torch.arange(len(DVA_ALL_X))[:, None]).sum(1).double()
     assert float(((counts - n * expected) ** 2 / (n * expected)).sum()) < 54.05
 
 
