@@ -474,7 +474,7 @@ def bench(cfg, ctx, V):
     d = cfg.width_list[-1]
     for kind in cfg.model_list:
         model = build(kind, cfg, V, d).to(ctx.device)
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=ctx.gpu)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.beta2), fused=ctx.gpu)
         fast = maybe_compile(model, cfg)  # train.py's choice: inductor, or cudagraphs without Triton
         loss_fn = loss_fn_for(kind, V, cfg.eps)
         x = torch.randint(0, V, (cfg.batch_size, cfg.seq_len), device=ctx.device)  # (B, L) random tokens

@@ -385,7 +385,7 @@ def train(model, get_batch, loss_fn, cfg, ctx, eval_fn=None, ckpt_path=None, des
     old_handler = signal.signal(signal.SIGINT, handler) if main_thread else None
 
     bar = tqdm(total=cfg.max_steps, initial=step, desc=desc, disable=not ctx.master, dynamic_ncols=True)
-    t0, items, last, first_step = time.time(), 0.0, {}, step
+    t0, items, last, first_step = time.time(), 0.0, (history[-1] if history else {}), step
     try:
         raw.train()
         while step < cfg.max_steps:
