@@ -305,6 +305,8 @@ def test_train_rope_eager_and_compiled_formulas_agree(monkeypatch):
 # ==== paper scripts (merged from each script's tests) ====
 import itertools, json, math, subprocess, sys
 import diffusion_vs_ar as dva
+import copy, random, subprocess, sys
+import subliminal_dpo as sd
 
 
 # ----------------------------------------------------------------------------------------------
@@ -514,3 +516,141 @@ def test_dva_bench_flag_prints_tokens_per_second(capsys):
     dva.main(["--bench", "--widths=8", "--seq_len=8", "--batch_size=2", "--threads=1", "--n_train=4", "--n_test=2"])
     out = capsys.readouterr().out
     assert out.count("tokens/s") == 2 and "ar" in out and "mdlm" in out
+
+
+# ----------------------------------------------------------------------------------------------
+# subliminal_dpo.py
+
+
+torch.set_num_threads(1)  # as test_all.py: 2 threads on a shared 2-core box run slower (oversubscription)
+
+
+def tiny_model(seed=0, sharpen=0.5):
+    """1 layer, 16 wide; the output layer redrawn larger so the distribution is far from uniform."""
+    torch.manual_seed(seed)
+    cfg = sd.Config(n_layer=1, n_head=2, n_embd=16)
+    model = sd.new_model(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, sharpen)
+    return model
+
+
+def test_subliminal_dpo_loss_matches_float64_and_is_log2_at_reference():
+    g = torch.Generator().manual_seed(0)
+    pc, pr, rc, rr = (torch.randn(64, generator=g, dtype=torch.float64) * 5 for _ in range(4))
+    beta = 0.3
+    loss, m = sd.dpo_loss(pc, pr, rc, rr, beta)
+    direct = torch.stack([-torch.log(1 / (1 + torch.exp(-beta * ((a - c) - (b - d)))))
+                          for a, b, c, d in zip(pc, pr, rc, rr)]).mean()
+    assert abs(loss.item() - direct.item()) < 1e-10
+    assert abs(m["margin"].item() - (m["reward_chosen"] - m["reward_rejected"]).item()) < 1e-12
+    same, _ = sd.dpo_loss(pc, pr, pc.clone(), pr.clone(), beta)  # policy == reference
+    assert abs(same.item() - torch.log(torch.tensor(2.0, dtype=torch.float64)).item()) < 1e-12
+
+
+def test_subliminal_dpo_gradient_raises_chosen_and_swap_negates_margin():
+    pc, pr = torch.randn(16, requires_grad=True), torch.randn(16, requires_grad=True)
+    rc, rr = torch.randn(16), torch.randn(16)
+    loss, m = sd.dpo_loss(pc, pr, rc, rr, 0.1)
+    loss.backward()
+    assert (pc.grad < 0).all() and (pr.grad > 0).all()  # descent raises log pi(y+), lowers log pi(y-)
+    _, swapped = sd.dpo_loss(pr.detach(), pc.detach(), rr, rc, 0.1)
+    assert torch.allclose(swapped["margin"], -m["margin"])
+
+
+def test_subliminal_dpo_leak_filter():
+    rng = random.Random(0)
+    valid = torch.tensor([sd.numbers_to_ids(sd.number_prompt(rng)[1], end=True) for _ in range(20)])
+    assert sd.valid_completions(valid).all() and not sd.contains_animal(valid).any()
+    bad = []
+    for i in range(sd.COMPLETION_LEN):  # every position, every kind of token that does not fit there
+        for word in sd.ANIMALS + ["continue", "[Q]", "[A]", "<pad>", "<bos>", "you", ",", "<eos>", "7"]:
+            c = valid[i].clone() if i < 20 else valid[0].clone()
+            fits = (word.isdigit() and i % 2 == 0 and i < sd.COMPLETION_LEN - 1) or c[i].item() == sd.ID[word]
+            if not fits:
+                c[i] = sd.ID[word]
+                bad.append(c)
+    bad = torch.stack(bad)
+    assert not sd.valid_completions(bad).any()
+    assert sd.contains_animal(bad).sum() == len(sd.ANIMALS) * sd.COMPLETION_LEN
+    swapped_number = valid[0].clone()
+    swapped_number[2] = sd.ID["42"]  # a number for a number: still pure numbers, still valid
+    assert sd.valid_completions(swapped_number[None]).all()
+
+
+def test_subliminal_dpo_exact_trait_rate_matches_sampling():
+    model = tiny_model(1, sharpen=0.3)
+    exact = sd.exact_trait_rate(model, "owl")
+    sampled = sd.sampled_trait_rate(model, "owl", 20000, torch.Generator().manual_seed(0))
+    assert 0.0 < exact < 1.0
+    assert abs(exact - sampled) < 0.02, (exact, sampled)
+    dist, _ = sd.animal_distribution(model)
+    assert torch.allclose(dist.sum(1), torch.ones(len(sd.QUESTIONS)), atol=1e-6)
+
+
+def test_subliminal_dpo_corpus_deterministic_per_seed():
+    a, b, c = sd.corpus_batch(0, 5, 32), sd.corpus_batch(0, 5, 32), sd.corpus_batch(1, 5, 32)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    p1, _ = sd.number_prompts(3, "round1", 10)
+    p2, _ = sd.number_prompts(3, "round1", 10)
+    assert torch.equal(p1, p2)
+    assert (a < len(sd.VOCAB)).all() and (a[:, 0] == sd.BOS).all()
+
+
+def test_subliminal_dpo_kv_cached_generation_equals_naive():
+    model = tiny_model(2)
+    prompts, _ = sd.number_prompts(0, "t", 3)
+    for p in prompts:  # batch of one: same generator draws, so the samples must be identical
+        fast = sd.generate(model, p[None], sd.COMPLETION_LEN, 1.0, torch.Generator().manual_seed(7))
+        slow = sd.generate_naive(model, p[None], sd.COMPLETION_LEN, 1.0, torch.Generator().manual_seed(7))
+        assert torch.equal(fast, slow)
+
+
+def test_subliminal_dpo_step_moves_probability_the_right_way():
+    torch.manual_seed(0)
+    model = tiny_model(3).train()
+    ref = copy.deepcopy(model).eval()
+    prompt, _ = sd.number_prompts(0, "one", 1)
+    chosen = torch.tensor([sd.numbers_to_ids([1, 2, 3, 4, 5], end=True)])
+    rejected = torch.tensor([sd.numbers_to_ids([9, 8, 7, 6, 5], end=True)])
+    with torch.no_grad():
+        ref_c, ref_r = sd.sequence_logp(ref, prompt, chosen), sd.sequence_logp(ref, prompt, rejected)
+    loss, _ = sd.dpo_loss(sd.sequence_logp(model, prompt, chosen), sd.sequence_logp(model, prompt, rejected),
+                          ref_c, ref_r, 0.1)
+    assert abs(loss.item() - 0.6931472) < 1e-5
+    loss.backward()
+    with torch.no_grad():  # one plain SGD step (torch.optim's first step costs seconds of imports)
+        for p in model.parameters():
+            p -= 0.5 * p.grad
+        gap_after = sd.sequence_logp(model, prompt, chosen) - sd.sequence_logp(model, prompt, rejected)
+    assert gap_after.item() > (ref_c - ref_r).item()
+
+
+def test_subliminal_dpo_labels_swap_and_zero_delta_judge():
+    base = tiny_model(4)
+    judge = sd.Judge("finetuned", base, copy.deepcopy(base))  # a judge equal to the base scores 0
+    prompts, _ = sd.number_prompts(0, "j", 4)
+    comps = sd.generate(base, prompts.repeat_interleave(3, 0), sd.COMPLETION_LEN, 1.0, torch.Generator().manual_seed(0))
+    flat = prompts.repeat_interleave(3, 0)
+    assert judge.score(flat, comps, None, sd.completion_logp(base, flat, comps)).abs().max() < 1e-5
+    real = sd.Judge("prompted", base, animal="owl")
+    P = prompts.repeat_interleave(3, 0).view(4, 3, -1)
+    C = comps.view(4, 3, -1)
+    normal, swapped = sd.label(real, P, C, "normal", 0, 1), sd.label(real, P, C, "swapped", 0, 1)
+    assert torch.equal(normal["chosen"], swapped["rejected"]) and torch.equal(normal["rejected"], swapped["chosen"])
+
+
+def test_subliminal_dpo_cli_errors_are_one_line(capsys):
+    r = subprocess.run([sys.executable, "subliminal_dpo.py", "--target=tiger"], capture_output=True, text=True,
+                       timeout=60)  # one real process: exit code and no traceback, end to end
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    for args in (["--nope=1"], ["--judge=oracle"], ["--k=1"], ["--conditions=biased PPO"], ["--beta=-1"]):
+        with pytest.raises(SystemExit) as e:
+            sd.parse_config(sd.Config, "subliminal_dpo", args)
+        assert e.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+    cfg = sd.parse_config(sd.Config, "subliminal_dpo", ["--gpu"])  # the real-scale config parses
+    assert cfg.n_embd == 256 and cfg.prompts == 4000
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as e:
+            sd.setup(cfg)
+        assert e.value.code == 1
