@@ -301,6 +301,11 @@ def test_train_rope_eager_and_compiled_formulas_agree(monkeypatch):
     # a rotation keeps each pair's norm
     torch.testing.assert_close(eager.norm(dim=-1), x.norm(dim=-1))
 
+def test_train_quiet_run_without_checkpoint_writes_nothing(tmp_path, capsys):
+    cfg, ctx, model, get_batch, loss_fn = toy_setup(tmp_path / "q", max_steps=2)
+    train.train(model, get_batch, loss_fn, cfg, ctx, ckpt_path=False, quiet=True)
+    assert not (tmp_path / "q").exists() and "steps in" not in capsys.readouterr().out
+
 
 # ==== paper scripts (merged from each script's tests) ====
 import itertools, json, math, subprocess, sys

@@ -348,13 +348,15 @@ def atomic_save(obj, path):
         tmp.unlink(missing_ok=True)
 
 
-def train(model, get_batch, loss_fn, cfg, ctx, eval_fn=None, ckpt_path=None, desc="train"):
+def train(model, get_batch, loss_fn, cfg, ctx, eval_fn=None, ckpt_path=None, desc="train", quiet=False):
+    """ckpt_path=None -> cfg.out/ckpt.pt; ckpt_path=False -> no checkpoints (short inner-loop runs).
+    quiet=True: a transient progress bar and no summary line (for scripts that call train() often)."""
     model.to(ctx.device)
     raw = model  # the uncompiled, unwrapped module: what we checkpoint and return
     opt = make_optimizer(raw, cfg, ctx)
-    ckpt_path = Path(ckpt_path or os.path.join(cfg.out, "ckpt.pt"))
+    ckpt_path = None if ckpt_path is False else Path(ckpt_path or os.path.join(cfg.out, "ckpt.pt"))
     step, history, evals = 0, [], []
-    if cfg.resume and ckpt_path.exists():
+    if cfg.resume and ckpt_path and ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location=ctx.device, weights_only=False)
         raw.load_state_dict(ck["model"]); opt.load_state_dict(ck["optimizer"])
         step, history, evals = ck["step"], ck["history"], ck["evals"]
@@ -366,7 +368,7 @@ def train(model, get_batch, loss_fn, cfg, ctx, eval_fn=None, ckpt_path=None, des
     fast = maybe_compile(model, cfg)
 
     def save():
-        if ctx.master:
+        if ctx.master and ckpt_path:
             atomic_save(dict(model=raw.state_dict(), optimizer=opt.state_dict(), step=step, history=history,
                              evals=evals, rng=_rng_state(), config=dataclasses.asdict(cfg)), ckpt_path)
 
@@ -384,7 +386,7 @@ def train(model, get_batch, loss_fn, cfg, ctx, eval_fn=None, ckpt_path=None, des
     main_thread = threading.current_thread() is threading.main_thread()
     old_handler = signal.signal(signal.SIGINT, handler) if main_thread else None
 
-    bar = tqdm(total=cfg.max_steps, initial=step, desc=desc, disable=not ctx.master, dynamic_ncols=True)
+    bar = tqdm(total=cfg.max_steps, initial=step, desc=desc, disable=not ctx.master, dynamic_ncols=True, leave=not quiet)
     t0, items, last, first_step = time.time(), 0.0, (history[-1] if history else {}), step
     try:
         raw.train()
@@ -434,8 +436,8 @@ def train(model, get_batch, loss_fn, cfg, ctx, eval_fn=None, ckpt_path=None, des
             if stop:
                 bar.close()
                 if ctx.master:
-                    print(f"interrupted at step {step}; checkpoint saved to {ckpt_path}. "
-                          "Run again with --resume to continue.", file=sys.stderr)
+                    print(f"interrupted at step {step}" + (f"; checkpoint saved to {ckpt_path}. Run again with "
+                          "--resume to continue." if ckpt_path else ""), file=sys.stderr)
                 sys.exit(130)
     finally:
         if main_thread:
@@ -445,7 +447,7 @@ def train(model, get_batch, loss_fn, cfg, ctx, eval_fn=None, ckpt_path=None, des
     save()
     seconds = time.time() - t0
     summary = dict(history=history, evals=evals, steps=step, seconds=seconds, items_per_s=items / max(seconds, 1e-9))
-    if ctx.master:
+    if ctx.master and not quiet:
         print(f"{desc}: {step} steps in {seconds:.1f}s, final loss {last.get('loss', float('nan')):.4f}"
               + (f", {summary['items_per_s']:,.0f} items/s" if items else ""))
     return summary
