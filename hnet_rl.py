@@ -1,0 +1,602 @@
+"""
+hnet_rl.py: learning where to cut bytes into chunks, by reinforcement learning, against H-Net's
+differentiable chunking and fixed rules.
+
+Reproduces, at CPU scale, Dauncey & Wattenhofer, "You Can Learn Tokenization End-to-End with
+Reinforcement Learning" (arXiv 2602.13940, ICML 2026; code: SamD770/bitter-lesson-tokenization),
+with H-Net (Hwang, Wang & Gu, arXiv 2507.07955; goombalab/hnet) as the learned baseline.
+Claim: treating each byte's "start a new chunk here?" as a Bernoulli action trained with a
+score-function (REINFORCE) estimator, rewarded by how much the chunked model beats an early-exit
+head, learns word-like boundaries (almost every space starts a chunk) and a lower bits-per-byte
+than random or fixed-stride chunking at the same compression rate, competitive with H-Net.
+
+One byte-level autoregressive U-Net is shared by every method; only the boundary module differs:
+  bytes -> embedding -> encoder byte blocks (causal, sliding window)
+        -> boundary module: b_t = 1 means "a chunk starts at byte t" (b_0 = 1 always)
+        -> keep the encoder vectors at boundaries -> main blocks over the chunk sequence
+           (causal; RoPE at the kept bytes' byte positions)
+        -> upsample: byte t gets the main output of the latest chunk starting at or before t,
+           added to its encoder residual -> decoder byte blocks -> LM head.
+  An early-exit head reads the encoder output; LM loss = 0.9 CE_final + 0.1 CE_early.
+Boundary methods (--method), all at the same target rate rho (0.2 boundaries per byte):
+  rl       Bernoulli policy pi(b_t=1) = sigmoid(logit), logit = softcap(s * W x_t [+ previous w-1
+           actions] + logit(rho)). Reward r_t = CE_early,t - CE_final,t, advantage = reward minus its
+           batch mean at each position, discounted reward-to-go G_t (gamma 0.99), loss
+           -lambda_g mean(G log pi) + rate control lambda_c mean(logit) stopgrad(mean p - rho).
+  hnet     cosine routing p_t = (1 - cos(W_q x_{t-1}, W_k x_t)) / 2, b_t = [p_t > 0.5], smoothing
+           (EMA over chunks), straight-through confidence, ratio loss (weight 0.03).
+  uniform  exactly round(L rho) boundaries at random positions;  fixed: every 1/rho-th byte;
+  space    a chunk starts at each run of whitespace (`the|_cat|_sat`);
+  bpe      chunks = tokens of a byte-level BPE trained on the training text (peeks at the rest of
+           the word, so it is an optimistic reference, not a causal competitor).
+Metrics: held-out bits per byte, realised boundary rate, the fraction of whitespace bytes that
+carry a boundary, bytes per chunk, training bytes/s.
+
+Deviations (small scale, CPU): Transformer byte blocks stand in for H-Net's Mamba2 layers; LayerNorm
+instead of RMSNorm; H-Net's EMA is an exact O(M^2) closed form instead of the Mamba2 scan; no
+residual projection in H-Net (every method adds the encoder residual directly); the last byte is not
+forced to be a boundary; RL gates are sampled at evaluation too (--eval_gates=greedy to threshold).
+Defaults run offline in a few minutes (English prose shipped with Python). `--gpu` is the paper's
+scale (d 768, 4/12/4 blocks, 4096-byte sequences, enwik8); no hand-written Triton anywhere.
+"""
+import math, time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from train import (TrainConfig, parse_config, setup, die, Block, rope_angles, count_params, train,
+                   save_results, save_figure, embedded_text, download, get_tokenizer, maybe_compile)
+from train import init_weights, make_optimizer
+
+METHODS = ("rl", "hnet", "uniform", "fixed", "space", "bpe")
+ABLATIONS = {  # name -> overrides of the rl config (the repo's ablation table)
+    "rl:gamma=1": dict(gamma=1.0),
+    "rl:no-batch-adv": dict(batch_adv=False),
+    "rl:no-early-reward": dict(early_reward=False),
+    "rl:window=8": dict(gate_window=8),
+    "rl:no-rate-control": dict(lambda_c=0.0),
+}
+WHITESPACE = (9, 10, 13, 32)  # \t \n \r space
+
+
+@dataclass
+class Config(TrainConfig):
+    method: str = "rl"  # boundary method: rl | hnet | uniform | fixed | space | bpe
+    compare: bool = False  # train every method with the same budget and seed, print one table
+    ablations: bool = False  # with --compare: also the rl ablations (gamma=1, no batch advantage, no early-exit reward, window 8, no rate control)
+    data: str = "auto"  # auto (prose on CPU, enwik8 with --gpu) | prose | code (text shipped with Python) | enwik8 | tinyshakespeare | path to a text file (first 90 percent train)
+    rate: float = 0.2  # target boundaries per byte (1/rate bytes per chunk)
+    n_embd: int = 0  # model width (0 = 128 on CPU, 768 with --gpu)
+    n_head: int = 0  # attention heads (0 = 4 on CPU, 12 with --gpu)
+    n_enc: int = 0  # encoder byte blocks (0 = 1 on CPU, 4 with --gpu)
+    n_main: int = 0  # main blocks over chunks (0 = 2 on CPU, 12 with --gpu)
+    n_dec: int = 0  # decoder byte blocks (0 = 1 on CPU, 4 with --gpu)
+    window: int = 64  # sliding attention window of the byte blocks (0 = full causal attention)
+    seq_len: int = 0  # bytes per training sequence (0 = 256 on CPU, 4096 with --gpu)
+    batch_size: int = 0  # sequences per step (0 = 16 on CPU, 128 with --gpu)
+    max_steps: int = 0  # optimizer steps per method (0 = 400 on CPU, 12000 with --gpu)
+    lr: float = 0.0  # peak learning rate (0 = 2e-3 on CPU, 1.5e-3 with --gpu)
+    warmup: int = 0  # warm-up steps (0 = 30 on CPU, 300 with --gpu)
+    early_weight: float = 0.1  # weight of the early-exit head's cross-entropy (final head gets 1 - this)
+    gamma: float = 0.99  # rl: discount of the reward-to-go (1 = undiscounted)
+    lambda_g: float = 0.01  # rl: weight of the policy-gradient loss
+    lambda_c: float = 0.01  # rl: weight of the rate-control (consistency) loss (0 = none)
+    gate_window: int = 1  # rl: the policy reads the previous gate_window - 1 actions (paper 8; 1 = independent gates)
+    gate_scale: float = 0.0625  # rl: scale s of the linear gate logits (small: the policy starts at the target rate)
+    batch_adv: bool = True  # rl: subtract the per-position batch mean from the reward
+    early_reward: bool = True  # rl: reward = CE_early - CE_final (false: reward = -CE_final)
+    eval_gates: str = "sampled"  # rl at evaluation: sampled (fixed noise, as the authors) | greedy (logit > 0)
+    ratio_weight: float = 0.03  # hnet: weight of the ratio loss
+    bpe_vocab: int = 4096  # bpe: vocabulary of the BPE whose token starts are the boundaries
+    eval_every: int = 0  # steps between held-out evaluations (0 = max_steps / 6)
+    eval_windows: int = 128  # held-out sequences of seq_len bytes per evaluation
+    bench: bool = False  # only measure training bytes/s of every method and exit
+
+    def __post_init__(self):
+        super().__post_init__()
+        g = self.gpu  # "0 = auto" fields resolve to the CPU toy or the paper's scale
+        self.data = self.data if self.data != "auto" else ("enwik8" if g else "prose")
+        for name, cpu, gpu in (("n_embd", 128, 768), ("n_head", 4, 12), ("n_enc", 1, 4), ("n_main", 2, 12),
+                               ("n_dec", 1, 4), ("seq_len", 256, 4096), ("batch_size", 16, 128),
+                               ("max_steps", 400, 12000), ("lr", 2e-3, 1.5e-3), ("warmup", 30, 300)):
+            if not getattr(self, name):
+                setattr(self, name, gpu if g else cpu)
+        self.eval_every = self.eval_every or max(1, self.max_steps // 6)
+        if self.method not in METHODS:
+            raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if not 0 < self.rate < 1:
+            raise ValueError("--rate must be in (0, 1)")
+        if not 0 < self.gamma <= 1:
+            raise ValueError("--gamma must be in (0, 1]")
+        if self.eval_gates not in ("sampled", "greedy"):
+            raise ValueError("--eval_gates must be sampled or greedy")
+        if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
+            raise ValueError("--n_embd / --n_head must be an even integer (RoPE pairs)")
+        if self.gate_window < 1 or self.seq_len < 8 or self.early_weight > 1:
+            raise ValueError("need --gate_window >= 1, --seq_len >= 8 and --early_weight <= 1")
+
+# ----------------------------------------------------------------------------------------------
+# chunking, upsampling and H-Net's smoothing: pure tensor functions (tested on their own)
+
+
+def chunk_index(b):
+    """b (B, L) bool with b[:, 0] = 1 -> idx (B, M): byte positions of the boundaries, in order,
+    M = most boundaries in any row. A stable sort moves boundaries to the front; rows with fewer
+    boundaries are padded with non-boundary positions. Padding sits *after* every real chunk, so
+    causal attention over chunks never lets a real chunk see it, and nothing reads its output."""
+    M = int(b.sum(1).max())
+    order = torch.sort((~b).to(torch.uint8), dim=1, stable=True).indices  # boundaries first
+    return order[:, :M]  # (B, M)
+
+
+def owner_chunk(b):
+    """Chunk index of every byte: the latest boundary at or before t. (B, L)"""
+    return b.long().cumsum(1) - 1
+
+
+def downsample(x, idx):  # x (B, L, C), idx (B, M) -> (B, M, C)
+    return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def upsample(z, b):  # z (B, M, C) chunk outputs -> (B, L, C): byte t gets its owner chunk's vector
+    return z.gather(1, owner_chunk(b)[..., None].expand(-1, -1, z.shape[-1]))
+
+
+def smooth_chunks(z, P):
+    """H-Net's dechunk EMA over the chunk sequence, zbar_j = P_j z_j + (1 - P_j) zbar_{j-1}, in closed
+    form: zbar_j = sum_{i<=j} P_i prod_{i<k<=j} (1 - P_k) z_i. The products are exp of segment sums of
+    log(1 - P), accumulated per segment (not as a difference of two long cumsums, which would lose
+    precision), so there is no Python loop over chunks. z (B, M, C), P (B, M) -> (B, M, C)."""
+    M = P.shape[1]
+    log_keep = torch.log1p(-P.float())  # (B, M) log(1 - P_k), fp32 as H-Net insists
+    below = torch.ones(M, M, dtype=torch.bool, device=P.device).tril(-1)  # k > i
+    # seg[b, j, i] = sum_{i < k <= j} log(1 - P_k): cumulate log_keep[k] over rows j, only for k > i
+    terms = log_keep[:, :, None].expand(-1, M, M).masked_fill(~below, 0.0)  # [b, k, i]
+    seg = terms.cumsum(1)  # [b, j, i]
+    weights = torch.exp(seg.masked_fill(~below.logical_or(torch.eye(M, dtype=torch.bool, device=P.device)), -math.inf))
+    weights = weights * P.float()[:, None, :]  # (B, M_j, M_i): P_i prod (1 - P_k)
+    return (weights @ z.float()).to(z.dtype)
+
+
+def straight_through_one(c):
+    """Forward value exactly 1, gradient d/dc = 1: lets the confidence c steer the routing
+    without changing what the network computes (c - c.detach() is exactly 0)."""
+    return 1.0 + (c - c.detach())
+
+
+def ratio_loss(b, p, N):
+    """H-Net's rate regulariser: N/(N-1) ((N-1) F G + (1-F)(1-G)), F = fraction of boundaries (no
+    gradient), G = mean routing probability. Minimal (= 1) when F = G = 1/N."""
+    Fr, G = b.float().mean(), p.float().mean()
+    return N / (N - 1) * ((N - 1) * Fr * G + (1 - Fr) * (1 - G))
+
+
+def discounted_returns(adv, gamma):
+    """G_t = sum_{k>=0} gamma^k A_{t+k} along dim 1, as one matmul with an upper-triangular
+    matrix of discounts Gamma[k, t] = gamma^(k - t) for k >= t. adv (B, L) -> (B, L)."""
+    L = adv.shape[1]
+    t = torch.arange(L, device=adv.device, dtype=torch.float64)
+    lag = t[:, None] - t[None, :]  # [k, t] = k - t
+    disc = torch.where(lag >= 0, gamma ** lag.clamp(min=0), torch.zeros((), dtype=torch.float64, device=adv.device))
+    return (adv.double() @ disc).to(adv.dtype)
+
+
+def softcap(x, cap=6.0):
+    return cap * torch.tanh(x / cap)
+
+# ----------------------------------------------------------------------------------------------
+# the model: one byte-level U-Net, six boundary modules
+
+
+class ChunkedByteLM(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        C, H = cfg.n_embd, cfg.n_head
+        self.cfg, self.method, self.head_dim = cfg, cfg.method, C // H
+        self.wte = nn.Embedding(256, C)
+        self.encoder = nn.ModuleList(Block(C, H, window=cfg.window) for _ in range(cfg.n_enc))
+        self.main = nn.ModuleList(Block(C, H) for _ in range(cfg.n_main))  # causal over chunks, full context
+        self.decoder = nn.ModuleList(Block(C, H, window=cfg.window) for _ in range(cfg.n_dec))
+        self.norm_enc, self.norm = nn.LayerNorm(C, bias=False), nn.LayerNorm(C, bias=False)
+        self.early_head = nn.Linear(C, 256, bias=False)  # early exit: sees only pre-boundary layers
+        self.lm_head = nn.Linear(C, 256, bias=False)
+        if self.method == "rl":  # V_t = W x_t in R^w: w-1 weights for previous actions + one bias slot
+            self.gate = nn.Linear(C, cfg.gate_window, bias=False)
+        if self.method == "hnet":
+            self.q_proj, self.k_proj = nn.Linear(C, C, bias=False), nn.Linear(C, C, bias=False)
+        init_weights(self, cfg.n_enc + cfg.n_main + cfg.n_dec)
+        if self.method == "hnet":  # identity init: p_t starts as a pure cosine novelty detector
+            with torch.no_grad():
+                self.q_proj.weight.copy_(torch.eye(C)); self.k_proj.weight.copy_(torch.eye(C))
+
+    # -- boundary modules: each returns b (B, L) bool with b[:, 0] = 1, plus what its loss needs --
+    def rl_logits(self, V, actions):
+        """Policy logits from the gate features V = W x (B, L, w) and the actions a (B, L) in {0, 1}:
+        logit_t = softcap(s (V_t[w-1] + sum_j a_{t-(w-1)+j} V_t[j]) + logit(rho))."""
+        w, rho = self.cfg.gate_window, self.cfg.rate
+        raw = V[..., -1]  # the bias slot: what the policy thinks from the bytes alone
+        if w > 1:  # the previous w-1 actions, zero-padded before t = 0: (B, L, w-1)
+            prev = F.pad(actions.float(), (w - 1, 0))[:, :-1].unfold(1, w - 1, 1)
+            raw = raw + (prev * V[..., :-1]).sum(-1)
+        return softcap(self.cfg.gate_scale * raw + math.log(rho / (1 - rho)))
+
+    def rl_boundaries(self, h, noise, greedy):
+        """Sample a_t ~ Bernoulli(pi_t) without gradient (a loop over bytes only if the policy reads
+        its own past actions), then recompute all logits in parallel with gradient."""
+        B, L, _ = h.shape
+        V = self.gate(h).float()  # (B, L, w)
+        thresh = torch.full_like(noise, 0.5) if greedy else noise  # a_t = [u_t < pi_t]
+        with torch.no_grad():
+            if self.cfg.gate_window == 1:
+                a = torch.sigmoid(self.rl_logits(V, None)) > thresh
+            else:
+                w = self.cfg.gate_window
+                a = torch.zeros(B, L, dtype=torch.bool, device=h.device)
+                for t in range(L):  # logit t reads only actions < t, so filling left to right is exact
+                    lo = max(0, t - w + 1)  # the last w-1 actions (and t itself, still 0) are all it needs
+                    a[:, t] = torch.sigmoid(self.rl_logits(V[:, lo: t + 1], a[:, lo: t + 1])[:, -1]) > thresh[:, t]
+            a[:, 0] = True  # forced: the first byte always starts a chunk (no gradient: masked below)
+        logits = self.rl_logits(V, a)
+        logp = torch.where(a, F.logsigmoid(logits), F.logsigmoid(-logits))  # log pi(a_t), with gradient
+        return dict(b=a, logits=logits, p=torch.sigmoid(logits), logp=logp)
+
+    def hnet_boundaries(self, h):
+        q, k = self.q_proj(h[:, :-1]), self.k_proj(h[:, 1:])  # compare byte t-1 with byte t
+        p = 0.5 * (1 - F.cosine_similarity(q.float(), k.float(), dim=-1))  # (B, L-1)
+        p = torch.cat([torch.ones_like(p[:, :1]), p.clamp(0, 1)], 1)  # p_0 = 1
+        return dict(b=p > 0.5, p=p)
+
+    def rule_boundaries(self, x, noise):
+        B, L = x.shape
+        t = torch.arange(L, device=x.device).expand(B, L)
+        if self.method == "fixed":
+            b = t % round(1 / self.cfg.rate) == 0
+        elif self.method == "uniform":  # exactly k boundaries: 0 plus the k-1 largest noises elsewhere
+            k = max(1, round(L * self.cfg.rate))
+            b = torch.zeros(B, L, dtype=torch.bool, device=x.device)
+            b.scatter_(1, noise[:, 1:].topk(k - 1, dim=1).indices + 1, True)
+        elif self.method == "space":  # a chunk starts at the first byte of each whitespace run
+            ws = is_whitespace(x)
+            b = ws & ~F.pad(ws, (1, 0))[:, :-1]
+        b[:, 0] = True
+        return dict(b=b)
+
+    def forward(self, x, given_b=None, noise=None, greedy=False):
+        """x (B, L) bytes -> dict(logits, early_logits (B, L, 256), b (B, L), and the boundary module's
+        p / logits / logp). noise (B, L) uniform: the only randomness (rl, uniform); given_b: bpe."""
+        B, L = x.shape
+        cos, sin = rope_angles(torch.arange(L, device=x.device), self.head_dim)
+        h = self.wte(x)  # (B, L, C)
+        for blk in self.encoder:
+            h = blk(h, cos, sin)
+        hn = self.norm_enc(h)  # what the early head and the boundary modules read
+        out = dict(early_logits=self.early_head(hn))
+        if noise is None:
+            noise = torch.rand(B, L, device=x.device)
+        if self.method == "rl":
+            out.update(self.rl_boundaries(hn, noise, greedy))
+        elif self.method == "hnet":
+            out.update(self.hnet_boundaries(hn))
+        elif self.method == "bpe":
+            out["b"] = given_b.clone(); out["b"][:, 0] = True
+        else:
+            out.update(self.rule_boundaries(x, noise))
+        b = out["b"]
+        idx = chunk_index(b)  # (B, M)
+        z = downsample(h, idx)  # (B, M, C) the encoder vectors where chunks start, no pooling
+        ccos, csin = rope_angles(idx, self.head_dim)  # RoPE at byte positions: distance in bytes
+        for blk in self.main:
+            z = blk(z, ccos, csin)
+        if self.method == "hnet":  # smooth over chunks with the boundary probability (H-Net's dechunk)
+            P = out["p"].gather(1, idx).clamp(1e-4, 1 - 1e-4)
+            P = torch.where(b.gather(1, idx), P, torch.ones_like(P))  # padding chunks: no memory
+            z = smooth_chunks(z, P)
+        up = upsample(z, b)  # (B, L, C)
+        if self.method == "hnet":  # confidence through a straight-through estimator: value 1
+            c = torch.where(b, out["p"], 1 - out["p"])
+            up = up * straight_through_one(c)[..., None].to(up.dtype)
+        y = h + up  # encoder residual + what the main network says about the current chunk
+        for blk in self.decoder:
+            y = blk(y, cos, sin)
+        out["logits"] = self.lm_head(self.norm(y))
+        return out
+
+
+def is_whitespace(x):
+    ws = torch.zeros(256, dtype=torch.bool, device=x.device)
+    ws[list(WHITESPACE)] = True
+    return ws[x]
+
+# ----------------------------------------------------------------------------------------------
+# losses: the LM loss every method shares, and each boundary module's own term
+
+
+def token_ce(logits, y):  # (B, L, V), (B, L) -> per-byte cross-entropy in nats (B, L)
+    return F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none")
+
+
+def policy_loss(out, ce_final, ce_early, cfg):
+    """REINFORCE for the boundary policy. Rewards are detached: the policy learns only through
+    log pi (no straight-through path). The early-exit CE does not depend on the actions, so it is
+    a baseline that removes the 'this byte is hard anyway' part of the reward."""
+    r = (ce_early - ce_final) if cfg.early_reward else -ce_final
+    adv = r.detach()
+    if cfg.batch_adv:  # batch-relative: compare with other sequences at the same position
+        adv = adv - adv.mean(0, keepdim=True)
+    G = discounted_returns(adv, cfg.gamma)  # action at t affects every later prediction
+    logp = out["logp"][:, 1:]  # b_0 is forced: no gradient for it
+    pg = -(G[:, 1:] * logp).mean()
+    # rate control: push all logits down when the policy fires too often, up when too rarely
+    rate_gap = (out["p"][:, 1:].mean() - cfg.rate).detach()
+    consistency = out["logits"][:, 1:].mean() * rate_gap
+    return cfg.lambda_g * pg + cfg.lambda_c * consistency, dict(pg=pg.detach(), ret_std=G.std())
+
+
+def loss_fn_for(cfg):
+    def loss_fn(model, batch):
+        x, given_b = batch["x"], batch.get("b")
+        out = model(x[:, :-1], given_b)
+        y = x[:, 1:]
+        ce_final, ce_early = token_ce(out["logits"], y), token_ce(out["early_logits"], y)
+        loss = (1 - cfg.early_weight) * ce_final.mean() + cfg.early_weight * ce_early.mean()
+        metrics = dict(bpb=ce_final.mean().detach() / math.log(2), rate=out["b"].float().mean(),
+                       items=x.shape[0] * (x.shape[1] - 1))
+        if cfg.method == "rl":
+            extra, m = policy_loss(out, ce_final, ce_early, cfg)
+            loss = loss + extra; metrics.update(m)
+        elif cfg.method == "hnet":
+            loss = loss + cfg.ratio_weight * ratio_loss(out["b"], out["p"], 1 / cfg.rate)
+        return loss, metrics
+    return loss_fn
+
+# ----------------------------------------------------------------------------------------------
+# data: raw bytes, random windows, and (for bpe) token-start boundaries precomputed once
+
+
+def load_bytes(cfg):
+    try:
+        if cfg.data in ("prose", "code"):
+            return embedded_text(cfg.data, "train"), embedded_text(cfg.data, "val")
+        if cfg.data in ("enwik8", "tinyshakespeare"):
+            raw = download(cfg.data, cfg.data_dir).read_bytes()
+        else:
+            raw = open(cfg.data, "rb").read()
+    except (OSError, RuntimeError) as e:
+        die(f"cannot load --data={cfg.data}: {e}")
+    if len(raw) < 20 * cfg.seq_len:
+        die(f"--data={cfg.data} has {len(raw)} bytes; need at least {20 * cfg.seq_len}")
+    cut = int(0.9 * len(raw))  # enwik8 convention: 90 MB train, then 5 + 5 val/test
+    return raw[:cut], raw[cut: cut + max(len(raw) // 20, 20 * cfg.seq_len)]
+
+
+def bpe_boundaries(cfg, data, train_bytes):
+    """b[i] = 1 where a BPE token starts in `data`, with a tokenizer trained on the training bytes."""
+    enc = get_tokenizer("bpe", train_bytes[:2_000_000], vocab_size=cfg.bpe_vocab,
+                        cache_dir=f"{cfg.out}/tokenizer")
+    ids = enc.encode_ordinary(data.decode("utf-8", errors="replace"))
+    lengths = np.array([len(enc.decode_single_token_bytes(t)) for t in ids])
+    text_len = lengths.sum()  # replacement characters may change the byte count: realign by fraction
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) * len(data) // max(text_len, 1)
+    b = np.zeros(len(data), dtype=bool); b[starts] = True
+    return torch.from_numpy(b)
+
+
+def as_tensor(raw):
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()
+
+
+def make_get_batch(cfg, data, bounds):
+    L, B = cfg.seq_len, cfg.batch_size
+
+    def get_batch(i):  # deterministic in i: exact resume
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)
+        start = torch.randint(0, len(data) - L - 1, (B,), generator=g)
+        rows = start[:, None] + torch.arange(L + 1)
+        batch = dict(x=data[rows])  # (B, L+1)
+        if bounds is not None:
+            batch["b"] = bounds[rows[:, :-1]]  # (B, L)
+        return batch
+    return get_batch
+
+# ----------------------------------------------------------------------------------------------
+# evaluation: bits per byte, rate, whitespace alignment (fixed windows, fixed gate noise)
+
+
+@torch.no_grad()
+def evaluate(model, cfg, val, val_bounds, device, chunk=32):
+    L = cfg.seq_len
+    n = min(cfg.eval_windows, (len(val) - 1) // L)
+    g = torch.Generator().manual_seed(12345)  # same gate noise at every evaluation and for every method
+    nll = n_bytes = n_bound = ws_total = ws_bound = 0.0
+    for s in range(0, n, chunk):
+        rows = (torch.arange(s, min(n, s + chunk)) * L)[:, None] + torch.arange(L + 1)
+        x = val[rows].to(device)
+        given = val_bounds[rows[:, :-1]].to(device) if val_bounds is not None else None
+        noise = torch.rand(x.shape[0], L, generator=g).to(device)
+        out = model(x[:, :-1], given, noise, greedy=cfg.eval_gates == "greedy")
+        nll += token_ce(out["logits"], x[:, 1:]).sum().item()
+        b, ws = out["b"], is_whitespace(x[:, :-1])
+        n_bytes += b.numel(); n_bound += b.sum().item()
+        # a whitespace byte "carries a boundary" when a chunk starts at it (`the|_cat`, BPE style) or
+        # right after it (`the_|cat`, where H-Net's novelty detector cuts): both are word-aligned
+        edge = b | F.pad(b[:, 1:], (0, 1))
+        ws_total += ws.sum().item(); ws_bound += (edge & ws).sum().item()
+    return dict(bpb=nll / n_bytes / math.log(2), rate=n_bound / n_bytes,
+                ws_frac=ws_bound / max(ws_total, 1), bytes_per_chunk=n_bytes / max(n_bound, 1))
+
+
+@torch.no_grad()
+def show_boundaries(model, cfg, val, val_bounds, device, n=120):
+    """One held-out passage with `|` before every chunk start and `_` for spaces."""
+    x = val[:n][None].to(device)
+    given = val_bounds[:n][None].to(device) if val_bounds is not None else None
+    noise = torch.rand(1, n, generator=torch.Generator().manual_seed(7)).to(device)
+    b = model(x, given, noise, greedy=cfg.eval_gates == "greedy")["b"][0].cpu()
+    text = "".join(("|" if bi and i else "") + ("_" if c == 32 else "\\n" if c == 10 else chr(c) if 32 < c < 127 else "?")
+                   for i, (c, bi) in enumerate(zip(val[:n].tolist(), b.tolist())))
+    return text
+
+# ----------------------------------------------------------------------------------------------
+# one training run per method
+
+
+def run_method(name, cfg, ctx, data, val, bounds, val_bounds):
+    torch.manual_seed(cfg.seed)  # identical init and data order for every method
+    model = ChunkedByteLM(cfg).to(ctx.device)
+    bytes_per_step = cfg.batch_size * cfg.seq_len
+
+    def eval_fn(m, step):
+        return dict(train_bytes=step * bytes_per_step, **evaluate(m, cfg, val, val_bounds, ctx.device))
+
+    summary = train(model, make_get_batch(cfg, data, bounds), loss_fn_for(cfg), cfg, ctx, eval_fn=eval_fn,
+                    ckpt_path=f"{cfg.out}/ckpt_{name.replace(':', '_').replace('=', '')}.pt", desc=name)
+    final = summary["evals"][-1]
+    return dict(method=name, params=count_params(model), bytes_per_s=summary["items_per_s"],
+                seconds=summary["seconds"], curve=summary["evals"], sample=show_boundaries(
+                    model, cfg, val, val_bounds, ctx.device), **{k: final[k] for k in
+                    ("bpb", "rate", "ws_frac", "bytes_per_chunk")})
+
+
+def variant(cfg, method, overrides=()):
+    v = Config(**{**cfg.__dict__, "method": method, **dict(overrides)})
+    v.out = cfg.out
+    return v
+
+
+def verdicts(rows, cfg):
+    """Plain-language checks of the paper's claims, computed from the table."""
+    by = {r["method"]: r for r in rows}
+    lines, tol = [], 0.02
+    matched = lambda r: abs(r["rate"] - cfg.rate) <= tol
+    if "rl" in by:
+        rl = by["rl"]
+        lines.append(f"rl realised rate {rl['rate']:.3f} is {'within' if matched(rl) else 'OUTSIDE'} "
+                     f"+-{tol} of the target {cfg.rate}")
+        for base in ("uniform", "fixed", "hnet"):
+            if base in by:
+                b = by[base]
+                word = "lower" if rl["bpb"] < b["bpb"] else "not lower"
+                lines.append(f"rl bpb {rl['bpb']:.4f} vs {base} {b['bpb']:.4f} (rate {b['rate']:.3f}): {word}"
+                             + ("" if matched(rl) and matched(b) else "  [rates not matched: not a fair comparison]"))
+        chance = by["uniform"]["ws_frac"] if "uniform" in by else 1 - (1 - rl["rate"]) ** 2
+        lines.append(f"whitespace bytes with a boundary at or right after them: rl {rl['ws_frac']:.2f} vs "
+                     f"{'uniform' if 'uniform' in by else 'chance at this rate'} {chance:.2f}: "
+                     + ("far above (>= 2x)" if rl["ws_frac"] >= 2 * chance else "not far above"))
+        if "rl:gamma=1" in by:
+            g1 = by["rl:gamma=1"]["ws_frac"]
+            lines.append(f"gamma=1 whitespace fraction {g1:.2f} vs {rl['ws_frac']:.2f} with gamma={cfg.gamma}: "
+                         + ("drops" if g1 < rl["ws_frac"] - 0.02 else "does not drop"))
+        if "rl:no-rate-control" in by:
+            r0 = by["rl:no-rate-control"]["rate"]
+            lines.append(f"without rate control the rate goes to {r0:.3f}: "
+                         + ("collapses towards a boundary at every byte" if r0 > 0.5 else "no collapse at this budget"))
+    return lines
+
+
+def plot(cfg, rows):
+    def draw(plt):
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        for r in rows:
+            xs = [e["train_bytes"] / 1e6 for e in r["curve"]]
+            ax.plot(xs, [e["bpb"] for e in r["curve"]], marker="o", ms=3,
+                    label=f"{r['method']} (rate {r['rate']:.2f})")
+        ax.set_xlabel("training bytes (millions)"); ax.set_ylabel("held-out bits per byte")
+        ax.set_title(f"byte U-Net, target rate {cfg.rate}: bpb vs training bytes"); ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        return fig
+    return save_figure(f"{cfg.out}/bpb_vs_bytes.png", draw)
+
+# ----------------------------------------------------------------------------------------------
+# benchmark: training bytes/s per method (same step as train(): fwd + bwd + AdamW)
+
+
+def bench(cfg, ctx, data, bounds, steps=8):
+    print(f"bench: d={cfg.n_embd}, blocks {cfg.n_enc}/{cfg.n_main}/{cfg.n_dec}, seq {cfg.seq_len}, "
+          f"batch {cfg.batch_size}, device {ctx.device}, torch threads {torch.get_num_threads()}")
+    rates = {}
+    for method in METHODS:
+        c = variant(cfg, method)
+        torch.manual_seed(0)
+        model = ChunkedByteLM(c).to(ctx.device)
+        opt, fast, loss_fn = make_optimizer(model, c, ctx), maybe_compile(model, c), loss_fn_for(c)
+        get = make_get_batch(c, data, bounds)
+        batch = {k: v.to(ctx.device) for k, v in get(0).items()}
+
+        def step():
+            with ctx.autocast():
+                loss, _ = loss_fn(fast, batch)
+            loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+        for _ in range(2):
+            step()
+        if ctx.gpu:
+            torch.cuda.synchronize()
+        t0 = time.time()
+        for _ in range(steps):
+            step()
+        if ctx.gpu:
+            torch.cuda.synchronize()
+        bps = steps * cfg.batch_size * cfg.seq_len / (time.time() - t0)
+        rates[method] = bps
+    for method, bps in rates.items():  # the issue's budget: rl and hnet steps <= 1.3x a fixed step
+        print(f"  {method:8s} {bps:12,.0f} bytes/s   step time {rates['fixed'] / bps:.2f}x fixed")
+    return rates
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    cfg = parse_config(Config, "hnet_rl", argv)
+    ctx = setup(cfg)
+    t_start = time.time()
+    train_raw, val_raw = load_bytes(cfg)
+    data, val = as_tensor(train_raw), as_tensor(val_raw)
+    names = list(METHODS) if cfg.compare or cfg.bench else [cfg.method]
+    bounds = val_bounds = None
+    if "bpe" in names:  # token starts, computed once for the whole corpus
+        bounds, val_bounds = bpe_boundaries(cfg, train_raw, train_raw), bpe_boundaries(cfg, val_raw, train_raw)
+    if ctx.master:
+        print(f"data {cfg.data}: {len(data):,} train / {len(val):,} val bytes; target rate {cfg.rate}")
+    if cfg.bench:
+        return bench(cfg, ctx, data, bounds)
+    runs = [(n, variant(cfg, n)) for n in names]
+    if cfg.compare and cfg.ablations:
+        runs += [(n, variant(cfg, "rl", o)) for n, o in ABLATIONS.items()]
+    rows = []
+    for name, c in runs:
+        rows.append(run_method(name, c, ctx, data, val, bounds if name == "bpe" else None,
+                               val_bounds if name == "bpe" else None))
+    if not ctx.master:
+        return None
+    print(f"\nheld-out {cfg.data}, {cfg.max_steps} steps x {cfg.batch_size} x {cfg.seq_len} bytes "
+          f"= {cfg.max_steps * cfg.batch_size * cfg.seq_len / 1e6:.1f} MB per method, seed {cfg.seed}, "
+          f"rl gates at eval: {cfg.eval_gates}")
+    print(f"{'method':20s} {'val bpb':>8s} {'rate':>6s} {'ws w/ bnd':>9s} {'bytes/chunk':>11s} {'train B/s':>10s}")
+    for r in rows:
+        print(f"{r['method']:20s} {r['bpb']:8.4f} {r['rate']:6.3f} {r['ws_frac']:9.2f} "
+              f"{r['bytes_per_chunk']:11.2f} {r['bytes_per_s']:10,.0f}")
+    ws_share = is_whitespace(val).float().mean().item()
+    print(f"(whitespace is {ws_share:.1%} of held-out bytes; 'ws w/ bnd' = fraction of whitespace bytes "
+          f"with a chunk start at or right after them)")
+    print("\nboundaries on a held-out passage ('|' = chunk start, '_' = space):")
+    for r in rows:
+        print(f"  {r['method']:20s} {r['sample']}")
+    lines = verdicts(rows, cfg)
+    if lines:
+        print("\nclaims:")
+        for line in lines:
+            print("  " + line)
+    if len(rows) == 1:
+        print("  (run --compare for rl vs uniform/fixed/hnet/space/bpe at the same budget)")
+    seconds = time.time() - t_start
+    print(f"\ntotal time {seconds:.0f}s")
+    path = save_results(cfg, ctx, dict(rows=rows, verdicts=lines, seconds=seconds, whitespace_share=ws_share))
+    fig = plot(cfg, rows)
+    print(f"wrote {path}" + (f" and {fig}" if fig else ""))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
