@@ -312,6 +312,8 @@ import itertools, json, math, subprocess, sys
 import diffusion_vs_ar as dva
 import copy, random, subprocess, sys
 import subliminal_dpo as sd
+import itertools, math, subprocess, sys
+import hnet_rl as hr
 
 
 # ----------------------------------------------------------------------------------------------
@@ -659,3 +661,216 @@ def test_subliminal_dpo_cli_errors_are_one_line(capsys):
         with pytest.raises(SystemExit) as e:
             sd.setup(cfg)
         assert e.value.code == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# hnet_rl.py
+
+
+torch.set_num_threads(1)  # tiny tensors: more threads only add contention
+
+
+def hr_tiny_cfg(method, **kw):
+    base = dict(method=method, n_embd=16, n_head=2, n_enc=1, n_main=1, n_dec=1, window=6, seq_len=24,
+                batch_size=4, max_steps=5)
+    return hr.Config(**{**base, **kw})
+
+
+def hr_tiny_model(method, seed=0, **kw):
+    torch.manual_seed(seed)
+    return hr.ChunkedByteLM(hr_tiny_cfg(method, **kw)).eval()
+
+
+def hr_random_boundaries(B, L, rate, seed):
+    g = torch.Generator().manual_seed(seed)
+    b = torch.rand(B, L, generator=g) < rate
+    b[:, 0] = True
+    return b
+
+
+def test_hnet_rl_chunk_upsample_identities():
+    torch.manual_seed(0)
+    x = torch.randn(3, 11, 5)
+    ones = torch.ones(3, 11, dtype=torch.bool)
+    assert torch.equal(hr.upsample(hr.downsample(x, hr.chunk_index(ones)), ones), x)  # all-boundary = identity
+    b = hr_random_boundaries(3, 11, 0.3, seed=1)
+    idx = hr.chunk_index(b)
+    up = hr.upsample(hr.downsample(x, idx), b)
+    for r in range(3):
+        starts = b[r].nonzero().flatten().tolist()
+        lengths = [e - s for s, e in zip(starts, starts[1:] + [11])]
+        assert sum(lengths) == 11  # chunk lengths sum to L
+        for t in range(11):
+            last = max(s for s in starts if s <= t)  # the latest chunk start at or before t
+            assert torch.equal(up[r, t], x[r, last])
+        assert idx[r, : len(starts)].tolist() == starts  # boundaries first, in order
+
+
+def test_hnet_rl_smoothing_matches_float64_loop():
+    torch.manual_seed(0)
+    z, P = torch.randn(2, 9, 4), torch.rand(2, 9).clamp(1e-4, 1 - 1e-4)
+    ref = torch.zeros(2, 9, 4, dtype=torch.float64)
+    prev = torch.zeros(2, 4, dtype=torch.float64)
+    for j in range(9):  # zbar_j = P_j z_j + (1 - P_j) zbar_{j-1}
+        prev = P[:, j, None].double() * z[:, j].double() + (1 - P[:, j, None].double()) * prev
+        ref[:, j] = prev
+    torch.testing.assert_close(hr.smooth_chunks(z, P).double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(hr.smooth_chunks(z, torch.ones(2, 9) - 1e-7), z, atol=1e-5, rtol=1e-5)  # P = 1: no memory
+
+
+def test_hnet_rl_ratio_loss_values_and_gradient():
+    N = 5.0
+    def L(Fv, Gv):
+        return hr.ratio_loss(torch.full((100,), Fv), torch.full((100,), Gv), N).item()
+    assert L(0.2, 0.2) == pytest.approx(1.0, abs=1e-6)
+    assert L(1.0, 1.0) == pytest.approx(N, abs=1e-5) and L(0.0, 0.0) == pytest.approx(N / (N - 1), abs=1e-6)
+    for Fv, sign in ((0.5, 1.0), (0.05, -1.0)):  # too many boundaries: gradient pushes p down, and vice versa
+        p = torch.full((100,), 0.3, requires_grad=True)
+        hr.ratio_loss(torch.full((100,), Fv), p, N).backward()
+        assert torch.sign(p.grad.sum()).item() == sign
+
+
+def test_hnet_rl_straight_through_is_exactly_one():
+    c = torch.tensor([0.1, 0.5, 0.77, 0.999, 0.3333], requires_grad=True)
+    y = hr.straight_through_one(c)
+    assert torch.equal(y, torch.ones(5))  # bit-exact, not approximately
+    (y * torch.arange(5.0)).sum().backward()
+    assert torch.equal(c.grad, torch.arange(5.0))
+
+
+def test_hnet_rl_hnet_routing_identity_init():
+    m = hr_tiny_model("hnet")
+    h = torch.randn(1, 4, 16)
+    h[0, 1] = h[0, 0]  # identical neighbours -> p = 0
+    h[0, 2] = -h[0, 1]  # opposite -> p = 1
+    p = m.hnet_boundaries(h)["p"][0]
+    assert p[0] == 1 and abs(p[1]) < 1e-6 and abs(p[2] - 1) < 1e-6
+
+
+@pytest.mark.parametrize("method,kw", [(m, {}) for m in hr.METHODS] + [("rl", dict(gate_window=4))])
+def test_hnet_rl_causality_by_perturbation(method, kw):
+    m = hr_tiny_model(method, **kw)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 256, (2, 24), generator=g)
+    x[:, ::4] = 32  # some spaces so `space` has boundaries
+    noise = torch.rand(2, 24, generator=g)  # the sampling noise is held fixed
+    given = hr_random_boundaries(2, 24, 0.25, seed=4)
+    out = m(x, given, noise)
+    for t in (3, 11, 17):
+        x2 = x.clone()
+        x2[:, t + 1:] = torch.randint(0, 256, (2, 23 - t), generator=g)  # change every byte after t
+        out2 = m(x2, given, noise)
+        torch.testing.assert_close(out2["logits"][:, : t + 1], out["logits"][:, : t + 1], atol=1e-5, rtol=1e-5)
+        assert torch.equal(out2["b"][:, : t + 1], out["b"][:, : t + 1])
+
+
+def test_hnet_rl_causality_by_gradient():
+    m = hr_tiny_model("hnet")
+    x = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(5))
+    emb = m.wte.weight
+    t = 9
+    m.zero_grad()
+    m(x)["logits"][0, t].sum().backward()
+    # bytes after t must get no gradient through their embedding rows (unless the byte value also occurs before t)
+    later_only = set(x[0, t + 1:].tolist()) - set(x[0, : t + 1].tolist())
+    assert all(emb.grad[v].abs().max() == 0 for v in later_only)
+
+
+def test_hnet_rl_discounted_returns_match_double_loop():
+    torch.manual_seed(0)
+    adv = torch.randn(3, 13)
+    for gamma in (0.9, 0.99, 1.0):
+        ref = torch.zeros(3, 13, dtype=torch.float64)
+        for t in range(13):
+            for k in range(t, 13):
+                ref[:, t] += gamma ** (k - t) * adv[:, k].double()
+        torch.testing.assert_close(hr.discounted_returns(adv, gamma).double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def hr_toy_expectations(gamma, T=5):
+    """Exact E_a[grad of the per-sequence policy loss] over all 2^(T-1) action sequences (a_0 forced)
+    and the exact gradient of J = E_a[sum_t r_t(a)] for a sequential policy
+    logit_t = theta_t + phi a_{t-1}, with causal rewards r_t = -CE_final_t(a_{<=t}) + baseline_t."""
+    theta = torch.tensor([0.0, 0.3, -0.5, 0.8, -0.2], dtype=torch.float64, requires_grad=True)
+    phi = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(T, T, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    baseline = torch.randn(T, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    cfg = hr.Config(method="rl", gamma=gamma, lambda_g=1.0, lambda_c=0.0, batch_adv=False, early_reward=True)
+    est = [torch.zeros(T, dtype=torch.float64), torch.zeros((), dtype=torch.float64)]
+    J = 0.0
+    for tail in itertools.product((0, 1), repeat=T - 1):
+        a = torch.tensor((1,) + tail, dtype=torch.float64)
+        prev = torch.cat([torch.zeros(1, dtype=torch.float64), a[:-1]])
+        logits = theta + phi * prev
+        logp = torch.where(a.bool(), torch.nn.functional.logsigmoid(logits), torch.nn.functional.logsigmoid(-logits))
+        prob = logp[1:].sum().exp()  # probability of this sequence (a_0 forced)
+        ce_final = torch.stack([torch.tanh((w[t, : t + 1] * a[: t + 1]).sum()) for t in range(T)])  # depends on a_<=t
+        out = dict(logp=logp[None], logits=logits[None], p=torch.sigmoid(logits)[None])
+        loss, _ = hr.policy_loss(out, ce_final[None], baseline[None], cfg)
+        grads = torch.autograd.grad(loss, (theta, phi), retain_graph=True)
+        est[0] += prob.detach() * grads[0]; est[1] += prob.detach() * grads[1]
+        J = J + prob * (baseline - ce_final).sum()
+    true = torch.autograd.grad(J, (theta, phi))
+    scale = -1.0 / (T - 1)  # the policy loss is -mean over the T-1 free positions
+    return est, [scale * g for g in true]
+
+
+def test_hnet_rl_reinforce_unbiased_by_enumeration():
+    est, true = hr_toy_expectations(gamma=1.0)
+    torch.testing.assert_close(est[0], true[0], atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(est[1], true[1], atol=1e-10, rtol=1e-9)
+    est, true = hr_toy_expectations(gamma=0.5)  # discounting trades bias for variance: it is biased
+    assert (est[1] - true[1]).abs() > 1e-4
+
+
+@pytest.mark.parametrize("method", hr.METHODS)
+def test_hnet_rl_training_lowers_loss(method):
+    cfg = hr_tiny_cfg(method)
+    torch.manual_seed(0)
+    model = hr.ChunkedByteLM(cfg)
+    text = torch.tensor(list(b"the cat sat on the mat and the dog sat on the log " * 4))
+    batch = dict(x=torch.stack([text[i: i + 25] for i in (0, 7, 13, 21)]),
+                 b=hr_random_boundaries(4, 24, 0.2, seed=2))
+    loss_fn = hr.loss_fn_for(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    first = None
+    for _ in range(15):
+        loss, m = loss_fn(model, batch)
+        first = first if first is not None else float(m["bpb"])
+        opt.zero_grad(); loss.backward(); opt.step()
+    assert float(m["bpb"]) < first - 0.5
+
+
+def test_hnet_rl_rate_control_moves_rate_toward_target():
+    cfg = hr_tiny_cfg("rl", rate=0.2, lambda_c=1.0, lambda_g=0.0)
+    model = hr_tiny_model("rl", rate=0.2)
+    with torch.no_grad():
+        model.gate.weight.zero_()
+    h = torch.randn(4, 24, 16)
+    out = model.rl_boundaries(h, torch.rand(4, 24), greedy=False)
+    out["logits"] = out["logits"] + 2.0  # pretend the policy fires far too often (p ~ 0.6)
+    out["p"] = torch.sigmoid(out["logits"])
+    loss, _ = hr.policy_loss(out, torch.zeros(4, 24), torch.zeros(4, 24), cfg)
+    (g,) = torch.autograd.grad(loss, out["logits"])
+    assert (g[:, 1:] > 0).all()  # descending the loss lowers every logit
+
+
+def test_hnet_rl_cli_rejects_bad_input():
+    root = Path(hr.__file__).parent
+    r = subprocess.run([sys.executable, "hnet_rl.py", "--method=magic"], cwd=root, capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as e:
+        hr.parse_config(hr.Config, "hnet_rl", ["--rate=1.5"])
+    assert e.value.code == 2
+    cfg = hr.parse_config(hr.Config, "hnet_rl", ["--gpu"])  # real-scale config parses
+    assert (cfg.n_embd, cfg.n_enc, cfg.n_main, cfg.n_dec, cfg.seq_len) == (768, 4, 12, 4, 4096)
+
+
+def test_hnet_rl_sequential_sampling_matches_parallel_logits():
+    m = hr_tiny_model("rl", gate_window=4)
+    with torch.no_grad():
+        m.gate.weight.normal_(0, 3.0)  # make the previous actions matter
+    h, u = torch.randn(3, 24, 16), torch.rand(3, 24)
+    out = m.rl_boundaries(h, u, greedy=False)
+    # the logits recomputed in parallel from the sampled actions reproduce every sampled decision
+    assert torch.equal(out["b"][:, 1:], (u < torch.sigmoid(out["logits"]))[:, 1:])
