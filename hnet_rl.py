@@ -57,7 +57,8 @@ ABLATIONS = {  # name -> overrides of the rl config (the repo's ablation table)
     "rl:no-batch-adv": dict(batch_adv=False),
     "rl:no-early-reward": dict(early_reward=False),
     "rl:window=8": dict(gate_window=8),
-    "rl:no-rate-control": dict(lambda_c=0.0),
+    "rl:no-rate-control": dict(lambda_c=0.0, rate_offset_lr=0.0),
+    "rl:paper-gate": dict(gate_scale=1 / 16, rate_offset_lr=0.0),  # the paper's s and rate control only
 }
 WHITESPACE = (9, 10, 13, 32)  # \t \n \r space
 
@@ -85,7 +86,8 @@ class Config(TrainConfig):
     lambda_g: float = 0.01  # rl: weight of the policy-gradient loss
     lambda_c: float = 0.01  # rl: weight of the rate-control (consistency) loss (0 = none)
     gate_window: int = 1  # rl: the policy reads the previous gate_window - 1 actions (paper 8; 1 = independent gates)
-    gate_scale: float = 0.0625  # rl: scale s of the linear gate logits (small: the policy starts at the target rate)
+    rate_offset_lr: float = 0.5  # rl: step size of a non-learned logit offset steering the realised rate to --rate (0 = off: the paper's consistency loss alone)
+    gate_scale: float = 0.0  # rl: scale s of the gate logits s W x (0 = auto: 4 on CPU, the paper's 1/16 with --gpu)
     batch_adv: bool = True  # rl: subtract the per-position batch mean from the reward
     early_reward: bool = True  # rl: reward = CE_early - CE_final (false: reward = -CE_final)
     eval_gates: str = "sampled"  # rl at evaluation: sampled (fixed noise, as the authors) | greedy (logit > 0)
@@ -101,7 +103,8 @@ class Config(TrainConfig):
         self.data = self.data if self.data != "auto" else ("enwik8" if g else "prose")
         for name, cpu, gpu in (("n_embd", 128, 768), ("n_head", 4, 12), ("n_enc", 1, 4), ("n_main", 2, 12),
                                ("n_dec", 1, 4), ("seq_len", 256, 4096), ("batch_size", 16, 128),
-                               ("max_steps", 400, 12000), ("lr", 2e-3, 1.5e-3), ("warmup", 30, 300)):
+                               ("max_steps", 400, 12000), ("lr", 2e-3, 1.5e-3), ("warmup", 30, 300),
+                               ("gate_scale", 4.0, 1 / 16)):
             if not getattr(self, name):
                 setattr(self, name, gpu if g else cpu)
         self.eval_every = self.eval_every or max(1, self.max_steps // 6)
@@ -204,10 +207,14 @@ class ChunkedByteLM(nn.Module):
         self.early_head = nn.Linear(C, 256, bias=False)  # early exit: sees only pre-boundary layers
         self.lm_head = nn.Linear(C, 256, bias=False)
         if self.method == "rl":  # V_t = W x_t in R^w: w-1 weights for previous actions + one bias slot
-            self.gate = nn.Linear(C, cfg.gate_window, bias=False)
+            self.gate = nn.Linear(C, cfg.gate_window)  # with a bias, as the authors' gater
+            # a non-learned logit offset steered by the realised rate (--rate_offset_lr; 0 = off)
+            self.register_buffer("rate_offset", torch.zeros(()))
         if self.method == "hnet":
             self.q_proj, self.k_proj = nn.Linear(C, C, bias=False), nn.Linear(C, C, bias=False)
         init_weights(self, cfg.n_enc + cfg.n_main + cfg.n_dec)
+        if self.method == "rl":  # zero bias: the policy starts exactly at the target rate
+            nn.init.zeros_(self.gate.bias)
         if self.method == "hnet":  # identity init: p_t starts as a pure cosine novelty detector
             with torch.no_grad():
                 self.q_proj.weight.copy_(torch.eye(C)); self.k_proj.weight.copy_(torch.eye(C))
@@ -221,7 +228,7 @@ class ChunkedByteLM(nn.Module):
         if w > 1:  # the previous w-1 actions, zero-padded before t = 0: (B, L, w-1)
             prev = F.pad(actions.float(), (w - 1, 0))[:, :-1].unfold(1, w - 1, 1)
             raw = raw + (prev * V[..., :-1]).sum(-1)
-        return softcap(self.cfg.gate_scale * raw + math.log(rho / (1 - rho)))
+        return softcap(self.cfg.gate_scale * raw + math.log(rho / (1 - rho)) + self.rate_offset)
 
     def rl_boundaries(self, h, noise, greedy):
         """Sample a_t ~ Bernoulli(pi_t) without gradient (a loop over bytes only if the policy reads
@@ -235,10 +242,13 @@ class ChunkedByteLM(nn.Module):
             else:
                 w = self.cfg.gate_window
                 a = torch.zeros(B, L, dtype=torch.bool, device=h.device)
-                for t in range(L):  # logit t reads only actions < t, so filling left to right is exact
+                a[:, 0] = True  # forced before the loop: later logits read it
+                for t in range(1, L):  # logit t reads only actions < t, so filling left to right is exact
                     lo = max(0, t - w + 1)  # the last w-1 actions (and t itself, still 0) are all it needs
                     a[:, t] = torch.sigmoid(self.rl_logits(V[:, lo: t + 1], a[:, lo: t + 1])[:, -1]) > thresh[:, t]
             a[:, 0] = True  # forced: the first byte always starts a chunk (no gradient: masked below)
+            if self.training and self.cfg.rate_offset_lr:  # integral control: too many boundaries -> lower
+                self.rate_offset -= self.cfg.rate_offset_lr * (a[:, 1:].float().mean() - self.cfg.rate)
         logits = self.rl_logits(V, a)
         logp = torch.where(a, F.logsigmoid(logits), F.logsigmoid(-logits))  # log pi(a_t), with gradient
         return dict(b=a, logits=logits, p=torch.sigmoid(logits), logp=logp)
