@@ -22,7 +22,8 @@ Boundary methods (--method), all at the same target rate rho (0.2 boundaries per
   rl       Bernoulli policy pi(b_t=1) = sigmoid(logit), logit = softcap(s * W x_t [+ previous w-1
            actions] + logit(rho)). Reward r_t = CE_early,t - CE_final,t, advantage = reward minus its
            batch mean at each position, discounted reward-to-go G_t (gamma 0.99), loss
-           -lambda_g mean(G log pi) + rate control lambda_c mean(logit) stopgrad(mean p - rho).
+           -lambda_g mean(G log pi) + rate control lambda_c mean(logit) stopgrad(mean p - rho)
+           (+ a logit offset nudged by the realised rate each step, see Deviations).
   hnet     cosine routing p_t = (1 - cos(W_q x_{t-1}, W_k x_t)) / 2, b_t = [p_t > 0.5], smoothing
            (EMA over chunks), straight-through confidence, ratio loss (weight 0.03).
   uniform  exactly round(L rho) boundaries at random positions;  fixed: every 1/rho-th byte;
@@ -36,6 +37,11 @@ Deviations (small scale, CPU): Transformer byte blocks stand in for H-Net's Mamb
 instead of RMSNorm; H-Net's EMA is an exact O(M^2) closed form instead of the Mamba2 scan; no
 residual projection in H-Net (every method adds the encoder residual directly); the last byte is not
 forced to be a boundary; RL gates are sampled at evaluation too (--eval_gates=greedy to threshold).
+Two changes to the rl policy make it learn at all at 4 KB per step (the paper uses 512 KB): the gate
+scale s is 4 instead of 1/16 (with s = 1/16 the logits did not move in 1200 steps: AdamW moves each
+weight by ~lr per step whatever the gradient's size, so s sets how fast the policy can change), and a
+non-learned logit offset steers the realised rate to the target (the consistency loss alone let the
+rate drift to 0.5 once the policy moved). --gate_scale=0.0625 --rate_offset_lr=0 is the paper's.
 Defaults run offline in a few minutes (English prose shipped with Python). `--gpu` is the paper's
 scale (d 768, 4/12/4 blocks, 4096-byte sequences, enwik8); no hand-written Triton anywhere.
 """

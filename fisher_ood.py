@@ -1,0 +1,848 @@
+"""
+fisher_ood.py: out-of-distribution detection from layer-wise gradient norms of deep generative models.
+
+Reproduces, with small MLP models trained on procedural 28x28 images, Dauncey, Holmes, Williams &
+Falck, "Approximations to the Fisher Information Metric of Deep Generative Models for
+Out-Of-Distribution Detection" (arXiv 2403.01485, TMLR 2024; official code
+SamD770/Generative-Models-Knowledge), and the failure it starts from, Nalisnick et al. 2019 ("Do Deep
+Generative Models Know What They Don't Know?", arXiv 1810.09136): a likelihood model trained on one
+image set can give *higher* likelihood to a simpler, unseen set.
+
+The method in one screen:
+  1. train a generative model (VAE, DDPM noise predictor, or an affine-coupling flow) on in-distribution
+     (ID) images; its per-example loss L(x; theta) is a negative log-likelihood or a surrogate of one.
+  2. for every parameter tensor l (weights and biases separately) take f_l(x) = ||grad_{theta_l} L(x)||^2.
+     These are the diagonal blocks of the Fisher metric s^T F^-1 s, up to an unknown scale per layer.
+  3. fit one Gaussian per tensor to log f_l on a fit half of the ID test split; the score of a new x is
+     sum_l log N(log f_l(x); mu_l, sigma_l). Higher = more in-distribution. Two-sided: abnormally small
+     gradients are flagged as well as large ones. No hyperparameters apart from the batch size B: with
+     B > 1 the feature is the squared norm of the gradient of the SUMMED loss of B examples.
+  4. compare by AUROC (ID = positive) with raw likelihood (score = -loss) and the typicality test
+     (score = -|loss - mean fit loss|, Nalisnick et al. 2019b, arXiv 1906.02994), at B = 1 and 5.
+
+Per-example gradient norms are the cost. The plain way is one backward pass per example (`loop`). The
+fast way here is one batched backward: for a Linear layer y = W a + b and a loss that is a sum of
+per-example losses, example i's gradient is delta_i a_i^T (delta_i = dL/dy_i), so
+||grad W||^2 = ||a_i||^2 ||delta_i||^2 and ||grad b||^2 = ||delta_i||^2, read off forward/backward hooks
+("ghost norms", Goodfellow 2015). For a group of B examples the same hooks give
+||sum_i delta_i a_i^T||^2 = sum_ij (a_i.a_j)(delta_i.delta_j). `torch.func` vmap is the general fallback.
+All three agree (tests). All models here are built from Linear layers so the fast path applies.
+
+Every random draw inside a loss (VAE latent sample, diffusion noise, flow dequantisation) is made once
+per example from a seeded generator and passed in, so a score is a deterministic function of
+(model, example, seed) and the three gradient methods see exactly the same loss.
+
+Default: offline procedural shapes, all four models (VAE with Gaussian and with Bernoulli decoder,
+diffusion, flow), a few minutes on one CPU thread. `--data=fashionmnist|mnist` downloads the classic
+pair (checked by size and md5). `--gpu` selects wider models, more data and steps. `--bench` times the
+per-example norms (fast / vmap / loop) at batch 128. No hand-written Triton anywhere.
+"""
+import gzip, hashlib, math, time, zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from train import (TrainConfig, parse_config, setup, die, count_params, train, save_results,
+                   save_figure, download_url)
+from train import DataError
+
+
+@dataclass
+class Config(TrainConfig):
+    model: str = "all"  # vae | vae_bce | diffusion | flow, a comma list of them, or all
+    data: str = "shapes"  # shapes (procedural, offline) | fashionmnist (ID; OOD mnist) | mnist (ID; OOD fashionmnist); real ones are downloaded
+    batch_sizes: str = "1,5"  # group sizes B of the scores: feature = squared norm of the gradient of the summed loss of B examples
+    n_train: int = 0  # training images (0 = 12000 on CPU, 60000 with --gpu)
+    n_test: int = 0  # ID test images, halved into the fit half and the evaluation half (0 = 2000 on CPU, 10000 with --gpu)
+    n_ood: int = 0  # images per OOD set (0 = 1000 on CPU, 5000 with --gpu)
+    hidden: int = 0  # width of every MLP (0 = 256 on CPU, 1024 with --gpu)
+    latent: int = 16  # VAE latent dimension
+    vae_sigma: float = 0.1  # std of the Gaussian VAE decoder (pixels in [0, 1])
+    couplings: int = 6  # affine coupling layers in the flow
+    diff_T: int = 1000  # diffusion timesteps of the linear beta schedule (1e-4 .. 0.02)
+    diff_t: int = 0  # the fixed timestep at which the diffusion loss is scored (paper: 0, the smallest)
+    diff_loss: str = "l1"  # l1 | l2 noise-prediction error (paper: l1)
+    pixel_noise: float = 0.1  # std of the Gaussian pixel noise of the ID shapes
+    chunk: int = 250  # examples per batched backward when scoring (rounded to a multiple of every B)
+    bench: bool = False  # only time the per-example layer norms: fast path vs vmap vs loop, then exit
+    bench_batch: int = 128  # batch size of --bench
+    lr: float = 1e-3  # peak learning rate (AdamW)
+    max_steps: int = 0  # training steps per model (0 = 1200 on CPU, 20000 with --gpu)
+    batch_size: int = 128  # training images per step
+    warmup: int = 50  # linear warm-up steps
+    weight_decay: float = 0.0  # AdamW weight decay (off: the models are small and the data plentiful)
+    log_every: int = 50  # steps between progress-bar updates
+    eval_every: int = 0  # unused here: the models are scored once, after training
+    ckpt_every: int = 0  # unused here: no checkpoints (each model trains in about a minute)
+    resume: bool = False  # unused here: no checkpoints to resume from
+
+    def __post_init__(self):
+        super().__post_init__()
+        gpu = self.gpu  # "0 = auto" fields resolve to the CPU toy or the GPU scale
+        self.n_train = self.n_train or (60000 if gpu else 12000)
+        self.n_test = self.n_test or (10000 if gpu else 2000)
+        self.n_ood = self.n_ood or (5000 if gpu else 1000)
+        self.hidden = self.hidden or (1024 if gpu else 256)
+        self.max_steps = self.max_steps or (20000 if gpu else 1200)
+        bad = set(self.model_list) - set(MODELS)
+        if bad or not self.model_list:
+            raise ValueError(f"--model: unknown {sorted(bad)}; choose from {', '.join(MODELS)} or all")
+        if self.data not in ("shapes", "fashionmnist", "mnist"):
+            raise ValueError(f"--data must be shapes, fashionmnist or mnist, got {self.data!r}")
+        try:
+            bs = self.batch_size_list
+        except ValueError:
+            raise ValueError(f"--batch_sizes must be a comma list of positive integers, got {self.batch_sizes!r}") from None
+        if not bs or min(bs) < 1:
+            raise ValueError(f"--batch_sizes must be a comma list of positive integers, got {self.batch_sizes!r}")
+        if self.diff_loss not in ("l1", "l2"):
+            raise ValueError(f"--diff_loss must be l1 or l2, got {self.diff_loss!r}")
+        if self.diff_T < 1 or self.diff_t >= self.diff_T:
+            raise ValueError(f"--diff_t must be in [0, --diff_T), got {self.diff_t} with --diff_T={self.diff_T}")
+        if self.n_test < 4 * max(bs) or self.n_ood < 2 * max(bs):
+            raise ValueError("--n_test must be >= 4 x and --n_ood >= 2 x the largest batch size")
+        if self.latent < 1 or self.hidden < 1 or self.couplings < 1 or self.vae_sigma <= 0 or self.chunk < 1:
+            raise ValueError("--latent, --hidden, --couplings, --chunk must be >= 1 and --vae_sigma > 0")
+        if self.batch_size < 1 or self.bench_batch < 1:
+            raise ValueError("--batch_size and --bench_batch must be >= 1")
+
+    @property
+    def model_list(self):
+        names = [m.strip() for m in self.model.split(",") if m.strip()]
+        return list(MODELS) if names == ["all"] else names
+
+    @property
+    def batch_size_list(self):
+        return sorted({int(b) for b in self.batch_sizes.split(",") if b.strip()})
+
+# ----------------------------------------------------------------------------------------------
+# procedural images: 28 x 28 grey levels 0..255 (stored as uint8, used as k / 255 in [0, 1])
+#
+# ID "shapes" (dSprites-like): one square, ellipse or triangle per image with random position, scale,
+# rotation and aspect; the shape is brighter or darker than the background by 0.25-0.4 and carries a
+# stripe texture; background brightness ~ U(0.1, 0.6); then Gaussian pixel noise (sigma 0.1).
+# The random background and the pixel noise are what make the Nalisnick effect appear: a simple image
+# of the same brightness but without noise is *easier* to model than the training data itself.
+# OOD sets (each generated from its own seed stream):
+#   strokes    a different shape family: 1-3 thick line segments, same background and noise model
+#   smooth     two broad Gaussian bumps on the background, no pixel noise: simpler than the ID data
+#   constant   the background alone, no noise: the simplest image there is
+#   noise      uniform noise U(0, 1) in every pixel: far OOD, every model gives it a high loss
+#   inverted   1 - x of fresh ID images: same content, flipped brightness
+#   less_noisy ID shapes with pixel noise 0.02 instead of 0.1: "the same data, simpler"
+#   cross      a near-OOD new shape (a plus sign) from the ID generator: only the outline differs
+
+SIDE = 28
+D = SIDE * SIDE
+OOD_SETS = ["strokes", "smooth", "constant", "noise", "inverted", "less_noisy", "cross"]
+
+
+def stream(seed, name):
+    """A torch.Generator for one named data stream: stable across runs and Python hash seeds."""
+    return torch.Generator().manual_seed(zlib.crc32(f"{seed}/{name}".encode()))
+
+
+def grid(n):  # pixel-centre coordinates in [-1, 1], broadcast over n images: two (n, 28, 28)
+    c = torch.linspace(-1, 1, SIDE)
+    yy, xx = torch.meshgrid(c, c, indexing="ij")
+    return xx.expand(n, SIDE, SIDE), yy.expand(n, SIDE, SIDE)
+
+
+def unif(g, n, lo, hi):  # (n, 1, 1) uniform draws that broadcast over pixels
+    return lo + (hi - lo) * torch.rand(n, 1, 1, generator=g)
+
+
+def quantise(img):  # (n, 28, 28) float -> (n, 784) uint8 grey levels
+    return (img.clamp(0, 1) * 255).round().to(torch.uint8).reshape(len(img), D)
+
+
+def shapes(n, g, kinds=("square", "ellipse", "triangle"), noise=0.1):
+    xx, yy = grid(n)
+    bg = unif(g, n, 0.1, 0.6)
+    cx, cy, scale = unif(g, n, -0.45, 0.45), unif(g, n, -0.45, 0.45), unif(g, n, 0.3, 0.6)
+    angle, aspect = unif(g, n, 0, 2 * math.pi), unif(g, n, 0.6, 1.0)
+    # shape-frame coordinates: translate, rotate, scale, so every outline is a fixed unit-sized test
+    u = ((xx - cx) * angle.cos() + (yy - cy) * angle.sin()) / scale
+    v = (-(xx - cx) * angle.sin() + (yy - cy) * angle.cos()) / scale
+    outline = {
+        "square": (u.abs() <= 1) & ((v / aspect).abs() <= 1),
+        "ellipse": u ** 2 + (v / aspect) ** 2 <= 1,
+        # equilateral triangle with vertices at radius 1: three half-planes
+        "triangle": (v >= -0.5) & (math.sqrt(3) * u + v <= 1) & (-math.sqrt(3) * u + v <= 1),
+        "cross": ((u.abs() <= 1) & (v.abs() <= 0.3)) | ((u.abs() <= 0.3) & (v.abs() <= 1)),
+    }
+    pick = torch.randint(len(kinds), (n, 1, 1), generator=g)
+    mask = torch.zeros(n, SIDE, SIDE, dtype=torch.bool)
+    for k, name in enumerate(kinds):
+        mask |= (pick == k) & outline[name]
+    sign = torch.where(torch.rand(n, 1, 1, generator=g) < 0.5, -1.0, 1.0)  # brighter or darker than the background
+    contrast = sign * unif(g, n, 0.25, 0.4)
+    stripes = 0.08 * torch.sin(unif(g, n, 3, 8) * u + unif(g, n, 0, 2 * math.pi))  # texture in the shape frame
+    img = bg + mask * (contrast + stripes) + noise * torch.randn(n, SIDE, SIDE, generator=g)
+    return quantise(img)
+
+
+def strokes(n, g, noise=0.1):
+    xx, yy = grid(n)
+    bg = unif(g, n, 0.1, 0.6)
+    ink = torch.zeros(n, SIDE, SIDE, dtype=torch.bool)
+    n_strokes = torch.randint(1, 4, (n, 1, 1), generator=g)
+    for k in range(3):
+        p0x, p0y, p1x, p1y = (unif(g, n, -0.8, 0.8) for _ in range(4))
+        width = unif(g, n, 0.07, 0.14)  # half-width: 1-2 pixels
+        dx, dy = p1x - p0x, p1y - p0y
+        # distance from each pixel to the segment p0-p1: project, clamp to the segment, measure
+        t = (((xx - p0x) * dx + (yy - p0y) * dy) / (dx ** 2 + dy ** 2 + 1e-6)).clamp(0, 1)
+        dist = ((xx - p0x - t * dx) ** 2 + (yy - p0y - t * dy) ** 2).sqrt()
+        ink |= (dist <= width) & (k < n_strokes)
+    sign = torch.where(torch.rand(n, 1, 1, generator=g) < 0.5, -1.0, 1.0)
+    img = bg + ink * sign * unif(g, n, 0.25, 0.4) + noise * torch.randn(n, SIDE, SIDE, generator=g)
+    return quantise(img)
+
+
+def smooth(n, g):
+    xx, yy = grid(n)
+    img = unif(g, n, 0.1, 0.6).expand(n, SIDE, SIDE).clone()
+    for _ in range(2):
+        cx, cy, width = unif(g, n, -0.8, 0.8), unif(g, n, -0.8, 0.8), unif(g, n, 0.3, 0.8)
+        img += unif(g, n, -0.25, 0.25) * torch.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * width ** 2))
+    return quantise(img)
+
+
+def make_set(name, n, seed, noise=0.1):
+    """One named image set as (n, 784) uint8; a deterministic function of (name, n, seed, noise)."""
+    g = stream(seed, name)
+    if name in ("train", "test"):
+        return shapes(n, g, noise=noise)
+    if name == "strokes":
+        return strokes(n, g, noise)
+    if name == "smooth":
+        return smooth(n, g)
+    if name == "constant":
+        return quantise(unif(g, n, 0.1, 0.6).expand(n, SIDE, SIDE))
+    if name == "noise":
+        return quantise(torch.rand(n, SIDE, SIDE, generator=g))
+    if name == "inverted":
+        return 255 - shapes(n, g, noise=noise)
+    if name == "less_noisy":
+        return shapes(n, g, noise=0.02)
+    if name == "cross":
+        return shapes(n, g, kinds=("cross",), noise=noise)
+    raise ValueError(f"unknown image set {name!r}")
+
+# ----------------------------------------------------------------------------------------------
+# real data (on request): FashionMNIST <-> MNIST, IDX files checked by size and md5
+# (SVHN and CIFAR-10 are left out: reading SVHN needs scipy's .mat reader, a new dependency.)
+
+REAL = {  # file -> (url, size in bytes, md5 of the .gz), as published by the datasets' authors
+    "mnist-train": ("https://ossci-datasets.s3.amazonaws.com/mnist/train-images-idx3-ubyte.gz", 9912422,
+                    "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
+    "mnist-test": ("https://ossci-datasets.s3.amazonaws.com/mnist/t10k-images-idx3-ubyte.gz", 1648877,
+                   "9fb629c4189551a2d022fa330f9573f3"),
+    "fashionmnist-train": ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/train-images-idx3-ubyte.gz",
+                           26421880, "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
+    "fashionmnist-test": ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/t10k-images-idx3-ubyte.gz",
+                          4422102, "bef4ecab320f06d8554ea6380940ec79"),
+}
+
+
+def load_idx(name, data_dir):
+    url, size, md5 = REAL[name]
+    path = download_url(url, Path(data_dir) / f"{name}-images-idx3-ubyte.gz", size=size)
+    if hashlib.md5(path.read_bytes()).hexdigest() != md5:
+        raise DataError(f"{path} has the right size but the wrong md5; delete it and run again")
+    return parse_idx(gzip.decompress(path.read_bytes()))
+
+
+def parse_idx(raw):
+    """IDX image file -> (n, 784) uint8. Header: magic 0x00000803 (uint8, 3 dims), count, rows, cols,
+    as big-endian int32s; then the pixels row by row."""
+    magic, n, rows, cols = (int.from_bytes(raw[i:i + 4], "big") for i in range(0, 16, 4))
+    if magic != 0x803 or rows * cols != D or len(raw) != 16 + n * D:
+        raise DataError(f"not a 28x28 IDX image file (magic {magic:#x}, {n} x {rows} x {cols})")
+    return torch.frombuffer(bytearray(raw[16:]), dtype=torch.uint8).reshape(n, D)
+
+
+def load_data(cfg):
+    """{split name: (n, 784) uint8}: 'train', 'fit', 'eval' (the two halves of the ID test split) and
+    one entry per OOD set. Procedural sets are cached under <out>/data/ (generation is the slow part)."""
+    if cfg.data != "shapes":
+        other = "mnist" if cfg.data == "fashionmnist" else "fashionmnist"
+        train_x, test_x = load_idx(f"{cfg.data}-train", cfg.data_dir), load_idx(f"{cfg.data}-test", cfg.data_dir)
+        g = stream(cfg.seed, "real")
+        if cfg.n_test > len(test_x) or cfg.n_ood > len(test_x) or cfg.n_train > len(train_x):
+            raise DataError(f"--n_train must be <= {len(train_x)}, --n_test and --n_ood <= {len(test_x)} for --data={cfg.data}")
+        test_x = test_x[torch.randperm(len(test_x), generator=g)]  # seeded shuffle: the two halves are exchangeable
+        ood = {other: load_idx(f"{other}-test", cfg.data_dir)[:cfg.n_ood],  # the classic pairing
+               "constant": make_set("constant", cfg.n_ood, cfg.seed), "noise": make_set("noise", cfg.n_ood, cfg.seed),
+               "inverted": 255 - train_x[-cfg.n_ood:]}  # inverted training images: OOD, even if also trained on
+        test_x = test_x[:cfg.n_test]
+        sets = dict(train=train_x[:cfg.n_train], fit=test_x[:len(test_x) // 2], eval=test_x[len(test_x) // 2:], **ood)
+        return sets
+    key = f"v1-{cfg.seed}-{cfg.n_train}-{cfg.n_test}-{cfg.n_ood}-{cfg.pixel_noise}"
+    path = Path(cfg.out) / "data" / f"shapes-{hashlib.sha1(key.encode()).hexdigest()[:10]}.pt"
+    if path.exists():
+        return torch.load(path)
+    t0 = time.time()
+    test_x = make_set("test", cfg.n_test, cfg.seed, cfg.pixel_noise)
+    sets = dict(train=make_set("train", cfg.n_train, cfg.seed, cfg.pixel_noise),
+                fit=test_x[:cfg.n_test // 2], eval=test_x[cfg.n_test // 2:],
+                **{name: make_set(name, cfg.n_ood, cfg.seed, cfg.pixel_noise) for name in OOD_SETS})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(sets, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
+    print(f"generated {sum(len(v) for v in sets.values()):,} images in {time.time() - t0:.1f}s (cached at {path})")
+    return sets
+
+# ----------------------------------------------------------------------------------------------
+# models: each maps (x, noise) to one loss per example, x (B, 784) in [0, 1], noise drawn outside.
+# Every parameter lives in an nn.Linear that is called exactly once per forward, on (B, features)
+# inputs: that is what the fast per-example norm path needs.
+
+
+class VAE(nn.Module):
+    """MLP VAE; loss = negative ELBO with one reparameterised latent sample eps (nats per image).
+    decoder='gauss': N(x; x_hat, sigma^2) per pixel; 'bce': Bernoulli likelihood of the grey level."""
+
+    def __init__(self, hidden, latent, decoder="gauss", sigma=0.1):
+        super().__init__()
+        self.decoder, self.sigma, self.noise_dim = decoder, sigma, latent
+        self.enc1, self.enc2, self.enc_out = nn.Linear(D, hidden), nn.Linear(hidden, hidden), nn.Linear(hidden, 2 * latent)
+        self.dec1, self.dec2, self.dec_out = nn.Linear(latent, hidden), nn.Linear(hidden, hidden), nn.Linear(hidden, D)
+
+    def draw_noise(self, n, g=None):
+        return torch.randn(n, self.noise_dim, generator=g)
+
+    def forward(self, x, eps):  # (B, D), (B, latent) -> (B,)
+        mu, logvar = self.enc_out(F.relu(self.enc2(F.relu(self.enc1(x))))).chunk(2, -1)  # (B, latent) each
+        z = mu + (0.5 * logvar).exp() * eps
+        out = self.dec_out(F.relu(self.dec2(F.relu(self.dec1(z)))))  # (B, D) mean or logits
+        if self.decoder == "gauss":
+            rec = 0.5 * ((x - out) / self.sigma).pow(2).sum(1) + D * math.log(self.sigma * math.sqrt(2 * math.pi))
+        else:  # grey levels used as soft Bernoulli targets, the classic MNIST-VAE choice
+            rec = F.binary_cross_entropy_with_logits(out, x, reduction="none").sum(1)
+        kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(1)  # KL(q(z|x) || N(0, I))
+        return rec + kl
+
+
+class Denoiser(nn.Module):
+    """DDPM noise predictor eps_theta(x_t, t), an MLP with a sinusoidal time embedding concatenated to
+    the input. Loss = mean over pixels of |eps_theta - eps| (or squared) at timestep t: training draws
+    t uniformly, scoring uses the fixed t_score (paper: the smallest timestep). Not a likelihood."""
+
+    def __init__(self, hidden, T=1000, loss="l1", t_score=0, emb=32):
+        super().__init__()
+        self.loss, self.t_score, self.emb, self.noise_dim = loss, t_score, emb, D
+        self.register_buffer("alpha_bar", torch.cumprod(1 - torch.linspace(1e-4, 0.02, T), 0))  # (T,)
+        self.fc1, self.fc2, self.fc3 = nn.Linear(D + emb, hidden), nn.Linear(hidden, hidden), nn.Linear(hidden, hidden)
+        self.out = nn.Linear(hidden, D)
+        # a hidden layer narrower than 784 pixels cannot pass the noise through, so the prediction also
+        # gets a skip path: a learned, timestep-dependent multiple of x_t itself (gate: embedding -> scalar)
+        self.gate = nn.Linear(emb, 1)
+
+    def draw_noise(self, n, g=None):
+        return torch.randn(n, D, generator=g)
+
+    def time_embedding(self, t):  # (B,) -> (B, emb): sines and cosines at geometric frequencies
+        freqs = torch.exp(-math.log(1000.0) * torch.arange(self.emb // 2, device=t.device) / (self.emb // 2))
+        ang = t.float()[:, None] * freqs
+        return torch.cat([ang.sin(), ang.cos()], -1)
+
+    def forward(self, x, eps, t=None):  # (B, D), (B, D), optional (B,) timesteps -> (B,)
+        if t is None:
+            t = torch.full((len(x),), self.t_score, device=x.device, dtype=torch.long)
+        ab = self.alpha_bar[t][:, None]  # (B, 1)
+        xt = ab.sqrt() * (2 * x - 1) + (1 - ab).sqrt() * eps  # images scaled to [-1, 1]
+        temb = self.time_embedding(t)  # (B, emb)
+        h = F.silu(self.fc1(torch.cat([xt, temb], -1)))
+        pred = self.out(F.silu(self.fc3(F.silu(self.fc2(h))))) + self.gate(temb) * xt  # (B, D)
+        err = pred - eps
+        return err.abs().mean(1) if self.loss == "l1" else err.pow(2).mean(1)
+
+
+class Coupling(nn.Module):
+    """RealNVP affine coupling on a fixed random split of the pixels: the half `a` passes unchanged and
+    predicts a log-scale s and shift t for the other half: y_b = x_b * exp(s) + t, log|det| = sum s.
+    The output is [x_a, y_b]: a fixed permutation, so the next coupling simply uses its own split."""
+
+    def __init__(self, hidden, seed):
+        super().__init__()
+        perm = torch.randperm(D, generator=torch.Generator().manual_seed(seed))
+        self.register_buffer("idx_a", perm[:D // 2])
+        self.register_buffer("idx_b", perm[D // 2:])
+        self.fc1, self.fc2, self.out = nn.Linear(D // 2, hidden), nn.Linear(hidden, hidden), nn.Linear(hidden, D)
+        nn.init.normal_(self.out.weight, 0, 1e-3)  # start near the identity map (not exactly: zero
+        nn.init.zeros_(self.out.bias)  # weights would give the hidden layers zero gradient)
+
+    def forward(self, y):  # (B, D) -> (B, D), (B,)
+        ya, yb = y[:, self.idx_a], y[:, self.idx_b]
+        s, t = self.out(F.relu(self.fc2(F.relu(self.fc1(ya))))).chunk(2, -1)  # (B, D/2) each
+        s = torch.tanh(s)  # bounded log-scale: keeps the first steps stable
+        return torch.cat([ya, yb * s.exp() + t], -1), s.sum(1)
+
+
+class Flow(nn.Module):
+    """Exact NLL in bits per dimension of the 256-level image under uniform dequantisation:
+    x~ = (k + u) / 256, u ~ U(0, 1)^D, bpd = -log2 p(x~) / D + 8 (the 8 bits undo the 1/256 bin width)."""
+
+    def __init__(self, hidden, n_couplings, seed=0):
+        super().__init__()
+        self.noise_dim = D
+        self.layers = nn.ModuleList(Coupling(hidden, seed * 1000 + i) for i in range(n_couplings))
+
+    def draw_noise(self, n, g=None):
+        return torch.rand(n, D, generator=g)
+
+    def forward(self, x, u):  # (B, D) in [0, 1], (B, D) uniform -> (B,) bits/dim
+        levels = (x * 255).round()
+        y = ((levels + u) / 256 - 0.5) * 4  # centre and spread to about unit scale; log|det| = D log 4
+        logdet = torch.full((len(x),), D * math.log(4.0), device=x.device)
+        for layer in self.layers:
+            y, ld = layer(y)
+            logdet = logdet + ld
+        log_p = -0.5 * (y.pow(2) + math.log(2 * math.pi)).sum(1) + logdet  # log density of x~ on [0, 1]^D
+        return -log_p / (D * math.log(2)) + 8
+
+
+MODELS = ["vae", "vae_bce", "diffusion", "flow"]
+
+
+def build(kind, cfg):
+    if kind == "vae":
+        return VAE(cfg.hidden, cfg.latent, "gauss", cfg.vae_sigma)
+    if kind == "vae_bce":
+        return VAE(cfg.hidden, cfg.latent, "bce")
+    if kind == "diffusion":
+        return Denoiser(cfg.hidden, cfg.diff_T, cfg.diff_loss, cfg.diff_t)
+    return Flow(cfg.hidden, cfg.couplings, cfg.seed)
+
+
+def fit_model(kind, cfg, ctx, train_x):
+    """Train with train.py's loop; batch i = a seeded random draw of training images."""
+    # Training is ordinary maximum likelihood (or the DDPM objective) on the ID training split only;
+    # nothing about OOD detection enters here. The detector is built afterwards from the trained model.
+    model = build(kind, cfg)
+    images = train_x.float() / 255
+
+    def get_batch(i):
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)
+        return images[torch.randint(len(images), (cfg.batch_size,), generator=g)]
+
+    def loss_fn(m, x):  # training draws its randomness from the global RNG (checkpointed by train())
+        # fresh noise every step while training (a fixed draw per example is only needed for scoring)
+        noise = torch.rand_like(x) if kind == "flow" else torch.randn(len(x), model.noise_dim, device=x.device)
+        if kind == "diffusion":  # the usual DDPM objective: all timesteps, uniformly
+            t = torch.randint(cfg.diff_T, (len(x),), device=x.device)
+            return m(x, noise, t).mean(), {}
+        return m(x, noise).mean(), {}
+
+    summary = train(model, get_batch, loss_fn, cfg, ctx, ckpt_path=False, desc=kind, quiet=True)
+    # eval mode as the authors score; it changes nothing for these models (no dropout or BatchNorm),
+    # but it would matter for BatchNorm, which would also couple examples and break per-example norms
+    return model.eval(), summary
+
+# ----------------------------------------------------------------------------------------------
+# per-example, per-tensor squared gradient norms: fast path (hooks), vmap, loop.
+# Each returns {B: (N // B, P) tensor}: row g = squared norms of the gradient of the summed loss of
+# examples g*B .. g*B+B-1, one column per parameter tensor in model.named_parameters() order.
+
+
+def linear_params(model):
+    """(module name, Linear) pairs; raises if some parameter lives outside a Linear."""
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    covered = {id(p) for _, m in linears for p in m.parameters()}
+    if any(id(p) not in covered for p in model.parameters()):
+        raise NotImplementedError("the fast path handles Linear layers only")
+    return linears
+
+
+def fast_sq_norms(model, x, noise, groups=(1,)):
+    """One batched forward/backward of the summed loss; hooks keep each Linear's input a_i and the
+    gradient delta_i at its output; per group of B: ||sum_i delta_i a_i^T||^2 = sum_ij (a_i.a_j)(delta_i.delta_j)."""
+    linears, inputs, outputs = linear_params(model), {}, {}
+
+    def keep(name):
+        def hook(mod, args, out):
+            if name in inputs:
+                raise RuntimeError(f"{name} was called twice in one forward: the identity needs one call")
+            inputs[name], outputs[name] = args[0].detach(), out
+        return hook
+
+    handles = [m.register_forward_hook(keep(n)) for n, m in linears]
+    try:  # the hooks must never outlive this call: a later plain forward would keep growing the dicts
+        losses = model(x, noise)  # (N,)
+    finally:
+        for h in handles:
+            h.remove()
+    names = [n for n, _ in linears]
+    # Gradients with respect to the Linear OUTPUTS, not the weights: the summed loss makes row i of
+    # delta depend on example i alone, which is what lets one backward serve every example.
+    deltas = torch.autograd.grad(losses.sum(), [outputs[n] for n in names])
+    per_param = {B: {} for B in groups}
+    for (name, mod), delta in zip(linears, deltas):
+        a = inputs[name]  # (N, in)
+        assert a.dim() == 2, "the identity is for inputs without a sequence axis"
+        for B in groups:
+            if B == 1:
+                d2 = delta.pow(2).sum(1)  # (N,)
+                w, b = a.pow(2).sum(1) * d2, d2
+            else:
+                ag, dg = a.reshape(-1, B, a.shape[1]), delta.reshape(-1, B, delta.shape[1])  # (G, B, in), (G, B, out)
+                w = ((ag @ ag.mT) * (dg @ dg.mT)).sum((1, 2))  # (G,) Gram-matrix form of the summed gradient
+                b = dg.sum(1).pow(2).sum(1)
+            per_param[B][f"{name}.weight"] = w
+            if mod.bias is not None:
+                per_param[B][f"{name}.bias"] = b
+    order = [n for n, _ in model.named_parameters()]
+    return {B: torch.stack([per_param[B][n] for n in order], 1) for B in groups}, losses.detach()
+
+
+def vmap_sq_norms(model, x, noise, groups=(1,), chunk_size=32):
+    """torch.func: the gradient of one group's summed loss as a function of the parameters, vmapped over
+    groups. Works for any module (no hooks); materialises chunk_size x P gradient entries at a time."""
+    from torch.func import functional_call, grad, vmap
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+
+    def group_loss(p, xg, ng):  # (B, D), (B, k) -> scalar
+        return functional_call(model, (p, buffers), (xg, ng)).sum()
+
+    out = {}
+    for B in groups:
+        G = len(x) // B
+        gs = vmap(grad(group_loss), in_dims=(None, 0, 0), chunk_size=chunk_size)(
+            params, x[:G * B].reshape(G, B, -1), noise[:G * B].reshape(G, B, -1))
+        out[B] = torch.stack([gs[k].reshape(G, -1).pow(2).sum(1) for k in params], 1)
+    return out
+
+
+def loop_sq_norms(model, x, noise, groups=(1,)):
+    """The reference: one backward pass per group of B examples."""
+    params = [p for _, p in model.named_parameters()]
+    out = {}
+    for B in groups:
+        rows = []
+        for g in range(len(x) // B):
+            loss = model(x[g * B:(g + 1) * B], noise[g * B:(g + 1) * B]).sum()
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            rows.append(torch.stack([gr.pow(2).sum() if gr is not None else torch.zeros(()) for gr in grads]))
+        out[B] = torch.stack(rows)
+    return out
+
+
+def score_set(model, images, seed, name, groups, chunk):
+    """Per-example losses (N,) and group features {B: (N // B, P)} of one image set. The per-example
+    noise comes from the set's own seeded stream, so the numbers are reproducible."""
+    x = images.float() / 255
+    # one noise draw per example, fixed by (seed, set name): every method and every rerun sees the same loss
+    noise = model.draw_noise(len(x), stream(seed, f"noise/{name}"))
+    lcm = math.lcm(*groups)
+    chunk = max(lcm, chunk // lcm * lcm)
+    n = len(x) // lcm * lcm  # drop the tail that does not fill a group (the paper's drop_last)
+    dev = next(model.parameters()).device
+    feats, losses = {B: [] for B in groups}, []
+    for i in range(0, n, chunk):  # chunks bound the memory of the stored activations
+        xs, ns = x[i:min(i + chunk, n)].to(dev), noise[i:min(i + chunk, n)].to(dev)
+        try:
+            f, l = fast_sq_norms(model, xs, ns, groups)
+        except NotImplementedError:  # a layer without a closed form: the general (slower) torch.func path
+            f, l = vmap_sq_norms(model, xs, ns, groups), model(xs, ns).detach()
+        for B in groups:
+            feats[B].append(f[B].double().cpu())
+        losses.append(l.double().cpu())
+    return torch.cat(losses), {B: torch.cat(feats[B]) for B in groups}
+
+# ----------------------------------------------------------------------------------------------
+# detectors and metrics (float64 numpy from here on)
+
+
+def log_features(sq_norms):
+    """log f; an exactly zero gradient (an unused weight) becomes log(1e-300): it has zero variance
+    on the fit set and is dropped there, as the authors drop their `zero_keys`."""
+    return np.log(np.maximum(np.asarray(sq_norms, dtype=np.float64), 1e-300))
+
+
+def fit_gaussians(feats):
+    """Per-feature mean and unbiased std on the fit set; features with zero or non-finite spread are dropped."""
+    mu, sd = feats.mean(0), feats.std(0, ddof=1)
+    keep = np.isfinite(mu) & np.isfinite(sd) & (sd > 0)
+    return mu[keep], sd[keep], keep
+
+
+def gaussian_score(feats, fit):
+    """sum_l log N(feats_l; mu_l, sd_l): higher = more in-distribution; NaN -> -inf (most anomalous)."""
+    mu, sd, keep = fit
+    z = (feats[:, keep] - mu) / sd
+    s = (-0.5 * z ** 2 - np.log(sd) - 0.5 * math.log(2 * math.pi)).sum(1)
+    return np.where(np.isnan(s), -np.inf, s)
+
+
+def group_losses(losses, B):  # (N,) -> (N // B,) summed loss of each group, consecutive examples
+    losses = np.asarray(losses, dtype=np.float64)
+    return losses[:len(losses) // B * B].reshape(-1, B).sum(1)
+
+
+def auroc(id_scores, ood_scores):
+    """P(ID score > OOD score) + 0.5 P(tie): the Mann-Whitney U statistic with average ranks."""
+    s = np.concatenate([id_scores, ood_scores]).astype(np.float64)
+    s = np.where(np.isnan(s), -np.inf, s)
+    values, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
+    avg_rank = np.cumsum(counts) - (counts - 1) / 2  # 1-based average rank of each distinct value
+    n1, n2 = len(id_scores), len(ood_scores)
+    u = avg_rank[inverse][:n1].sum() - n1 * (n1 + 1) / 2
+    return float(u / (n1 * n2))
+
+
+def fpr_at_tpr(id_scores, ood_scores, tpr=0.95):
+    """Fraction of OOD scores at or above the threshold that keeps >= tpr of the ID scores."""
+    thr = np.sort(np.asarray(id_scores, dtype=np.float64))[int(math.floor((1 - tpr) * len(id_scores)))]
+    return float(np.mean(np.asarray(ood_scores) >= thr))
+
+
+METHODS = ["likelihood", "typicality", "gradient"]
+
+
+def evaluate_model(losses, feats, groups, ood_names):
+    """AUROC/FPR@95 per (OOD set, B, method), the score arrays, and how many gradient features were kept."""
+    rows, scores, kept = [], {}, {}
+    # All three detectors are fitted on the same fit half of the ID test split and judged on the other
+    # half against each OOD set, as in the official protocol; nothing is ever fitted on OOD data.
+    for B in groups:
+        H = group_losses(losses["fit"], B).mean()  # typicality's entropy estimate: mean summed loss of a fit group
+        # log, because a squared norm is roughly a scaled chi-square, whose log is close to Gaussian
+        fit = fit_gaussians(log_features(feats["fit"][B]))
+        sc = {}
+        for name in ["eval"] + ood_names:
+            L = group_losses(losses[name], B)
+            sc[name] = dict(likelihood=-L, typicality=-np.abs(L - H),
+                            gradient=gaussian_score(log_features(feats[name][B]), fit))
+        scores[B] = sc
+        for name in ood_names:
+            for m in METHODS:
+                rows.append(dict(ood=name, B=B, method=m, auroc=auroc(sc["eval"][m], sc[name][m]),
+                                 fpr95=fpr_at_tpr(sc["eval"][m], sc[name][m])))
+        kept[B] = [int(fit[2].sum()), len(fit[2])]  # features used (non-zero variance) of all tensors
+    return rows, scores, kept
+
+# ----------------------------------------------------------------------------------------------
+# the run: train, score, tabulate, verdicts, figure
+
+
+def run_model(kind, cfg, ctx, sets, ood_names):
+    """Train one model, compute losses and gradient features of every set, evaluate; plus timings."""
+    t0 = time.time()
+    model, summary = fit_model(kind, cfg, ctx, sets["train"])
+    t_train = time.time() - t0
+    groups = cfg.batch_size_list
+    losses, feats = {}, {}
+    t1 = time.time()
+    for name in tqdm(["fit", "eval"] + ood_names, desc=f"{kind} scores", leave=False):
+        losses[name], feats[name] = score_set(model, sets[name], cfg.seed, name, groups, cfg.chunk)
+    t_score = time.time() - t1
+    rows, scores, kept = evaluate_model(losses, feats, groups, ood_names)
+    mean_loss = {name: float(l.mean()) for name, l in losses.items()}
+    return dict(model=kind, params=count_params(model), train_seconds=t_train, score_seconds=t_score, features_kept=kept,
+                final_train_loss=summary["history"][-1]["loss"] if summary["history"] else float("nan"),
+                mean_loss=mean_loss, rows=rows), scores
+
+
+def table(records, groups, ood_names, key="auroc"):
+    """One row per (model, OOD set); per batch size the three methods side by side."""
+    head = f"{'model':10s} {'OOD set':13s} " + " | ".join(f"B={B}: like   typ  grad" for B in groups)
+    lines = [head, "-" * len(head)]
+    for rec in records:
+        look = {(r["ood"], r["B"], r["method"]): r[key] for r in rec["rows"]}
+        for name in ood_names:
+            cells = [" ".join(f"{look[(name, B, m)]:5.2f}" for m in METHODS) for B in groups]
+            lines.append(f"{rec['model']:10s} {name:13s} " + " | ".join(f"     {c}" for c in cells))
+    return "\n".join(lines)
+
+
+def verdicts(records, groups, margin=0.005):
+    """Verdict lines computed from the AUROCs; returned as (text lines, dict for results.json).
+    A pairing counts as a win or loss only if the AUROCs differ by more than `margin`."""
+    out, lines = {}, []
+    B0 = min(groups)
+    like = [(rec["model"], r["ood"], r["auroc"]) for rec in records for r in rec["rows"]
+            if r["method"] == "likelihood" and r["B"] == B0]
+    clear = sorted([x for x in like if x[2] < 0.4], key=lambda x: x[2])  # well below chance, not noise
+    near = [x for x in like if 0.4 <= x[2] < 0.5]
+    out["nalisnick"] = bool(clear)
+    out["likelihood_below_0.4"] = [f"{m}/{o}" for m, o, _ in clear]
+    lines.append(f"Nalisnick effect (raw likelihood AUROC < 0.4 at B={B0}, i.e. OOD scored as MORE likely): "
+                 f"{'YES' if clear else 'NO'}" + (": " + ", ".join(f"{m}/{o} {a:.2f}" for m, o, a in clear) if clear else "")
+                 + (f"; {len(near)} more in [0.4, 0.5)" if near else ""))
+    pairs = []  # (model, ood, B, gradient auroc, typicality auroc)
+    for rec in records:
+        look = {(r["ood"], r["B"], r["method"]): r["auroc"] for r in rec["rows"]}
+        for (o, B, m), a in look.items():
+            if m == "gradient":
+                pairs.append((rec["model"], o, B, a, look[(o, B, "typicality")]))
+    wins = [p for p in pairs if p[3] > p[4] + margin]
+    worse = [p for p in pairs if p[3] < p[4] - margin]
+    informative = [p for p in pairs if min(p[3], p[4]) < 0.99]  # not saturated by both
+    inf_wins = [p for p in informative if p[3] > p[4] + margin]
+    inf_worse = [p for p in informative if p[3] < p[4] - margin]
+    out.update(pairings=len(pairs), gradient_wins=len(wins), typicality_wins=len(worse),
+               ties=len(pairs) - len(wins) - len(worse), unsaturated=len(informative),
+               unsaturated_gradient_wins=len(inf_wins), unsaturated_typicality_wins=len(inf_worse))
+    out["gradient_beats_typicality"] = len(wins) > len(pairs) / 2  # "most" = more than half, ties count against
+    out["gradient_wins_more_often"] = len(wins) > len(worse)
+    lines.append(f"Gradient score beats typicality on most pairings (paper's claim): "
+                 f"{'YES' if out['gradient_beats_typicality'] else 'NO'}: of {len(pairs)} (model, OOD set, B) pairings "
+                 f"gradient better on {len(wins)}, typicality better on {len(worse)}, {len(pairs) - len(wins) - len(worse)} "
+                 f"within {margin}; where not both >= 0.99 ({len(informative)}): {len(inf_wins)} vs {len(inf_worse)}")
+    for rec in records:
+        mine = [p for p in pairs if p[0] == rec["model"]]
+        lines.append(f"  {rec['model']:10s} gradient better {sum(p in wins for p in mine):2d}, typicality better "
+                     f"{sum(p in worse for p in mine):2d} of {len(mine)}; mean AUROC gradient "
+                     f"{np.mean([p[3] for p in mine]):.3f}, typicality {np.mean([p[4] for p in mine]):.3f}, "
+                     f"likelihood {np.mean([r['auroc'] for r in rec['rows'] if r['method'] == 'likelihood']):.3f}")
+    if worse:
+        lines.append("  typicality better on: " + ", ".join(f"{m}/{o}/B={B} ({g:.2f} vs {t:.2f})" for m, o, B, g, t in worse))
+    return lines, out
+
+
+def plot(cfg, scores_by_model, ood_names):
+    """Histograms of the B = 1 scores: raw likelihood (left) and the gradient score (right), whose
+    distance below the best ID score is shown on a log axis because far-OOD sets are orders away."""
+    B = min(cfg.batch_size_list)
+    kinds = list(scores_by_model)
+
+    def draw(plt):
+        fig, axes = plt.subplots(len(kinds), 2, figsize=(11, 2.6 * len(kinds)), squeeze=False)
+        for row, kind in enumerate(kinds):
+            sc = scores_by_model[kind][B]
+            lo, hi = np.percentile(sc["eval"]["likelihood"], [1, 99])
+            lo, hi = lo - (hi - lo), hi + (hi - lo)  # far-away sets (noise) would squash the ID histogram
+            for col, (method, label) in enumerate([("likelihood", "-loss (raw likelihood), values far outside the ID range omitted"),
+                                                   ("gradient", "log10(1 + max ID score - score), gradient")]):
+                ax = axes[row, col]
+                top = sc["eval"]["gradient"].max()
+                for name in ["eval"] + ood_names:
+                    v = sc[name][method]
+                    v = np.log10(1 + np.clip(top - v, 0, 1e300)) if method == "gradient" else v[(v >= lo) & (v <= hi)]
+                    v = v[np.isfinite(v)]
+                    if len(v) == 0:  # the whole set lies outside the plotted range (e.g. noise for the VAE)
+                        continue
+                    heights = ax.hist(v, bins=50, histtype="step" if name != "eval" else "stepfilled",
+                                      alpha=0.5 if name == "eval" else 1, label="ID (eval)" if name == "eval" else name,
+                                      density=True)[0]
+                    peak = heights.max() if name == "eval" else peak
+                ax.set_title(f"{kind}: {label}", fontsize=9)
+                ax.set_yticks([])
+                ax.set_ylim(0, 3 * peak)  # narrow OOD spikes are cut at 3x the ID peak
+        axes[0, 1].legend(fontsize=7)
+        fig.suptitle(f"score histograms at B={B}: ID evaluation half vs each OOD set")
+        fig.tight_layout()
+        return fig
+
+    return save_figure(Path(cfg.out) / "score_histograms.png", draw)
+
+
+def plot_samples(cfg, sets, names, k=8):
+    """The first k images of every set, one row per set: what "simpler" and "near-OOD" look like."""
+    def draw(plt):
+        fig, axes = plt.subplots(len(names), k, figsize=(k * 0.9, len(names) * 0.95), squeeze=False)
+        for row, name in enumerate(names):
+            for col in range(k):
+                ax = axes[row, col]
+                ax.imshow(sets[name][col].reshape(SIDE, SIDE).numpy(), cmap="gray", vmin=0, vmax=255)
+                ax.set_xticks([]); ax.set_yticks([])
+            axes[row, 0].set_ylabel(name, fontsize=8)
+        fig.tight_layout(pad=0.2)
+        return fig
+
+    return save_figure(Path(cfg.out) / "samples.png", draw)
+
+# ----------------------------------------------------------------------------------------------
+# benchmark: per-example layer norms at batch --bench_batch, fast path vs vmap vs loop
+
+
+def bench(cfg, ctx):
+    # Timing does not depend on the weights, so freshly initialised models are enough; the values are
+    # compared with the loop's (the reference) to show the fast path computes the same numbers.
+    x = (make_set("test", cfg.bench_batch, cfg.seed, cfg.pixel_noise).float() / 255).to(ctx.device)
+    results = {}
+    print(f"per-example squared layer norms, batch {cfg.bench_batch}, {torch.get_num_threads()} thread(s), "
+          f"freshly initialised models; best of 5 (fast), 2 (loop) and 1 (vmap) timed calls after one warm-up call")
+    for kind in cfg.model_list:
+        torch.manual_seed(cfg.seed)
+        model = build(kind, cfg).to(ctx.device).eval()
+        noise = model.draw_noise(len(x), stream(cfg.seed, "bench")).to(ctx.device)
+        times = {}
+        for name, fn, repeats in [("fast", fast_sq_norms, 5), ("loop", loop_sq_norms, 2), ("vmap", vmap_sq_norms, 1)]:
+            fn(model, x[:2], noise[:2])  # warm-up (allocator, vmap tracing)
+            if ctx.gpu:
+                torch.cuda.synchronize()
+            best = float("inf")
+            for _ in range(repeats):  # best of a few: the machine is shared, the minimum is the least disturbed
+                t0 = time.perf_counter()
+                out = fn(model, x, noise)
+                if ctx.gpu:
+                    torch.cuda.synchronize()
+                best = min(best, time.perf_counter() - t0)
+            times[name] = best
+            times[name + "_values"] = (out[0] if isinstance(out, tuple) else out)[1]  # B = 1 features
+        ref = times["loop_values"]  # relative error per (example, tensor), worst case reported
+        rel = {m: float(((times[m + "_values"] - ref).abs() / ref.abs().clamp_min(1e-30)).max()) for m in ("fast", "vmap")}
+        r = dict(params=count_params(model), fast_s=times["fast"], loop_s=times["loop"], vmap_s=times["vmap"],
+                 speedup_vs_loop=times["loop"] / times["fast"], max_rel_diff_fast=rel["fast"], max_rel_diff_vmap=rel["vmap"])
+        results[kind] = r
+        print(f"{kind:10s} {r['params']:>9,} params  fast {1e3 * r['fast_s']:8.1f} ms  loop {1e3 * r['loop_s']:8.1f} ms  "
+              f"vmap {1e3 * r['vmap_s']:8.1f} ms  fast/loop speed-up {r['speedup_vs_loop']:5.1f}x  "
+              f"max rel diff vs loop: fast {rel['fast']:.1e}, vmap {rel['vmap']:.1e}")
+    path = save_results(cfg, ctx, dict(bench=results), name="bench.json")
+    print(f"wrote {path}")
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    cfg = parse_config(Config, "fisher_ood", argv)
+    ctx = setup(cfg)
+    if cfg.bench:
+        return bench(cfg, ctx)
+    t_start = time.time()
+    try:  # a failed or corrupt download is a user-facing problem: one line, no traceback
+        sets = load_data(cfg)
+    except DataError as e:
+        die(str(e))
+    ood_names = [k for k in sets if k not in ("train", "fit", "eval")]
+    groups = cfg.batch_size_list
+    print(f"data {cfg.data}: {len(sets['train'])} train, ID test {len(sets['fit'])} fit + {len(sets['eval'])} eval, "
+          f"OOD sets {', '.join(f'{k} ({len(sets[k])})' for k in ood_names)}; models {', '.join(cfg.model_list)}; "
+          f"B = {groups}; {cfg.max_steps} steps x batch {cfg.batch_size}, hidden {cfg.hidden}")
+    records, scores_by_model = [], {}
+    for kind in cfg.model_list:  # each model: train, score every set, evaluate the three detectors
+        rec, scores = run_model(kind, cfg, ctx, sets, ood_names)
+        records.append(rec)
+        scores_by_model[kind] = scores
+        ml = rec["mean_loss"]
+        unit = {"flow": "bits/dim", "diffusion": f"{cfg.diff_loss} eps-error at t={cfg.diff_t}"}.get(kind, "nats/image")
+        print(f"{kind}: {rec['params']:,} params, trained {rec['train_seconds']:.0f}s (final train loss "
+              f"{rec['final_train_loss']:.3f}), scored {rec['score_seconds']:.0f}s, gradient features kept "
+              f"{rec['features_kept'][min(groups)][0]}/{rec['features_kept'][min(groups)][1]}; mean loss ({unit}): "
+              + ", ".join(f"{k} {v:.3f}" for k, v in ml.items() if k != "fit"))
+    print("\nAUROC (ID = positive; like = raw likelihood -loss, typ = typicality -|loss - H|, grad = layer-wise "
+          "gradient-norm score)")
+    print(table(records, groups, ood_names, "auroc"))
+    print("\nFPR at 95% TPR (lower is better)")
+    print(table(records, groups, ood_names, "fpr95"))
+    # The verdicts are computed from the AUROCs above, never written by hand: they may well say NO.
+    lines, verdict = verdicts(records, groups)
+    print("\nverdict:")
+    for line in lines:
+        print("  " + line)
+    path = save_results(cfg, ctx, dict(records=records, verdict=verdict, seconds=time.time() - t_start))
+    figs = [f for f in (plot(cfg, scores_by_model, ood_names), plot_samples(cfg, sets, ["train"] + ood_names)) if f]
+    print(f"\nwrote {path}" + "".join(f", {f}" for f in figs) + f" in {time.time() - t_start:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
