@@ -500,7 +500,8 @@ def verdicts(rows, cfg):
         chance = by["uniform"]["ws_frac"] if "uniform" in by else 1 - (1 - rl["rate"]) ** 2
         lines.append(f"whitespace bytes with a boundary at or right after them: rl {rl['ws_frac']:.2f} vs "
                      f"{'uniform' if 'uniform' in by else 'chance at this rate'} {chance:.2f}: "
-                     + ("far above (>= 2x)" if rl["ws_frac"] >= 2 * chance else "not far above"))
+                     + ("far above (>= 2x)" if rl["ws_frac"] >= 2 * chance else
+                        "BELOW it: the policy avoids word edges" if rl["ws_frac"] < chance - 0.02 else "not far above"))
         if "rl:gamma=1" in by:
             g1 = by["rl:gamma=1"]["ws_frac"]
             lines.append(f"gamma=1 whitespace fraction {g1:.2f} vs {rl['ws_frac']:.2f} with gamma={cfg.gamma}: "

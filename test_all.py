@@ -314,6 +314,9 @@ import copy, random, subprocess, sys
 import subliminal_dpo as sd
 import itertools, math, subprocess, sys
 import hnet_rl as hr
+import math, subprocess, sys
+import torch.nn as nn
+import fisher_ood as fo
 
 
 # ----------------------------------------------------------------------------------------------
@@ -874,3 +877,240 @@ def test_hnet_rl_sequential_sampling_matches_parallel_logits():
     out = m.rl_boundaries(h, u, greedy=False)
     # the logits recomputed in parallel from the sampled actions reproduce every sampled decision
     assert torch.equal(out["b"][:, 1:], (u < torch.sigmoid(out["logits"]))[:, 1:])
+
+
+def test_hnet_rl_rate_offset_steers_rate_only_in_training():
+    m = hr_tiny_model("rl", rate_offset_lr=0.5)
+    with torch.no_grad():
+        m.gate.bias.fill_(1.0)  # s * 1 = 4 logits too high: the policy fires far above the target
+    h, u = torch.randn(4, 24, 16), torch.rand(4, 24)
+    m.rl_boundaries(h, u, greedy=False)
+    assert m.rate_offset.item() == 0.0  # eval mode: the offset is frozen
+    m.train()
+    rates = []
+    for _ in range(30):
+        rates.append(m.rl_boundaries(h, torch.rand(4, 24), greedy=False)["b"][:, 1:].float().mean().item())
+    assert m.rate_offset.item() < 0 and abs(sum(rates[-10:]) / 10 - 0.2) < abs(rates[0] - 0.2)
+
+
+# ----------------------------------------------------------------------------------------------
+# fisher_ood.py
+
+
+FO_ROOT = Path(fo.__file__).resolve().parent
+
+
+def fo_tiny(kind, seed=0):
+    """A 16-wide model of each kind; the flow's output layers are redrawn larger so every tensor has a
+    gradient well away from zero (the default init starts the flow near the identity)."""
+    cfg = fo.Config(hidden=16, latent=4, couplings=2, n_test=40, n_ood=20, seed=seed)
+    torch.manual_seed(seed)
+    model = fo.build(kind, cfg).eval()
+    if kind == "flow":
+        with torch.no_grad():
+            for layer in model.layers:
+                layer.out.weight.normal_(0, 0.05)
+    return model
+
+
+def fo_inputs(model, n=10, seed=0):
+    x = fo.make_set("test", n, seed).float() / 255
+    return x, model.draw_noise(n, torch.Generator().manual_seed(seed + 1))
+
+
+@pytest.mark.parametrize("kind", fo.MODELS)
+def test_fisher_fast_vmap_loop_agree(kind):
+    model = fo_tiny(kind)
+    x, noise = fo_inputs(model)
+    fast, losses = fo.fast_sq_norms(model, x, noise, (1, 5))
+    vm = fo.vmap_sq_norms(model, x, noise, (1, 5))
+    loop = fo.loop_sq_norms(model, x, noise, (1, 5))
+    assert fast[1].shape == (10, len(list(model.parameters()))) and fast[5].shape[0] == 2
+    assert (loop[1] > 0).all()
+    for B in (1, 5):
+        torch.testing.assert_close(fast[B], loop[B], rtol=1e-4, atol=1e-12)
+        torch.testing.assert_close(vm[B], loop[B], rtol=1e-4, atol=1e-12)
+    torch.testing.assert_close(losses, model(x, noise).detach())  # the losses are deterministic given the noise
+
+
+def test_fisher_group_feature_is_norm_of_summed_gradient():
+    model = fo_tiny("vae")
+    x, noise = fo_inputs(model)
+    params = [p for _, p in model.named_parameters()]
+    per_example = [torch.autograd.grad(model(x[i:i + 1], noise[i:i + 1]).sum(), params) for i in range(10)]
+    fast, _ = fo.fast_sq_norms(model, x, noise, (1, 5))
+    for g in range(2):
+        summed = [sum(per_example[i][k] for i in range(5 * g, 5 * g + 5)) for k in range(len(params))]
+        norm_of_sum = torch.stack([s.pow(2).sum() for s in summed])
+        sum_of_norms = fast[1][5 * g:5 * g + 5].sum(0)
+        torch.testing.assert_close(fast[5][g], norm_of_sum, rtol=1e-4, atol=1e-12)
+        assert ((fast[5][g] - sum_of_norms).abs() / sum_of_norms > 1e-3).any()  # not the sum of the norms
+
+
+def test_fisher_non_linear_parameters_use_vmap_fallback():
+    class Bare(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mu = nn.Parameter(torch.zeros(3))
+
+        def draw_noise(self, n, g=None):
+            return torch.zeros(n, 1)
+
+        def forward(self, x, noise):
+            return 0.5 * (x - self.mu).pow(2).sum(1)
+
+    with pytest.raises(NotImplementedError):
+        fo.fast_sq_norms(Bare(), torch.zeros(2, 3), torch.zeros(2, 1))
+    # scoring falls back to vmap for such a model and still gives the loop's numbers
+    images = torch.randint(0, 256, (10, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    losses, feats = fo.score_set(Bare(), images, 0, "x", (1, 5), chunk=10)
+    loop = fo.loop_sq_norms(Bare(), images.float() / 255, torch.zeros(10, 1), (1, 5))
+    for B in (1, 5):
+        torch.testing.assert_close(feats[B], loop[B].double(), rtol=1e-5, atol=1e-12)
+    torch.testing.assert_close(losses, Bare()(images.float() / 255, None).double())
+
+
+def fo_ks_pvalue(samples, cdf):
+    """One-sample Kolmogorov-Smirnov test: statistic and asymptotic p-value (Stephens' correction)."""
+    x = np.sort(samples)
+    n = len(x)
+    F = cdf(x)
+    d = max((np.arange(1, n + 1) / n - F).max(), (F - np.arange(n) / n).max())
+    lam = (math.sqrt(n) + 0.12 + 0.11 / math.sqrt(n)) * d
+    p = 2 * sum((-1) ** (k - 1) * math.exp(-2 * k * k * lam * lam) for k in range(1, 101))
+    return d, min(max(p, 0.0), 1.0)
+
+
+def test_fisher_gaussian_mean_score_norm_is_chi2():
+    """For L = -log N(x; mu, I) the score is x - mu, so under the model ||grad||^2 ~ chi^2(d)."""
+    class GaussianMean(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.mu = nn.Parameter(torch.linspace(-1, 1, d))
+
+        def forward(self, x, noise):  # -log N(x; mu, I) up to a constant
+            return 0.5 * (x - self.mu).pow(2).sum(1)
+
+    d, n = 20, 2000
+    model = GaussianMean(d)
+    x = model.mu.detach() + torch.randn(n, d, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+    sq = fo.vmap_sq_norms(model, x, torch.zeros(n, 1), (1,), chunk_size=512)[1][:, 0].double().numpy()
+    torch.testing.assert_close(torch.from_numpy(sq[:20]).float(),
+                               fo.loop_sq_norms(model, x[:20], torch.zeros(20, 1))[1][:, 0], rtol=1e-5, atol=1e-6)
+    chi2 = lambda k: (lambda v: torch.special.gammainc(torch.tensor(k / 2.0, dtype=torch.float64),
+                                                       torch.from_numpy(v / 2.0)).numpy())
+    _, p = fo_ks_pvalue(sq, chi2(d))
+    assert p > 0.01, f"KS rejects chi^2({d}): p = {p}"
+    assert abs(sq.mean() - d) < 4 * math.sqrt(2 * d / n)
+    _, p_wrong = fo_ks_pvalue(sq, chi2(d + 4))  # the test has power: a wrong dof is rejected
+    assert p_wrong < 1e-3
+
+
+def test_fisher_auroc_identities():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(1, 1, 300), rng.normal(0, 1, 200)
+    assert fo.auroc(np.array([2.0, 3.0]), np.array([0.0, 1.0])) == 1.0
+    assert fo.auroc(np.array([0.0, 1.0]), np.array([2.0, 3.0])) == 0.0
+    assert fo.auroc(np.full(5, 7.0), np.full(4, 7.0)) == 0.5
+    assert fo.auroc(a, b) == pytest.approx(fo.auroc(np.exp(a), np.exp(b)), abs=1e-12)
+    assert fo.auroc(a, b) == pytest.approx(fo.auroc(3 * a - 1, 3 * b - 1), abs=1e-12)
+    assert fo.auroc(a, b) == pytest.approx(1 - fo.auroc(b, a), abs=1e-12)
+    ia, ib = rng.integers(0, 6, 80), rng.integers(0, 6, 70)  # many ties
+    brute = np.mean([(x > y) + 0.5 * (x == y) for x in ia for y in ib])
+    assert fo.auroc(ia, ib) == pytest.approx(brute, abs=1e-12)
+    assert fo.auroc(np.array([1.0, -np.inf]), np.array([np.nan, 0.0])) == 0.625  # NaN ranks with -inf
+    assert fo.fpr_at_tpr(np.array([2.0, 3.0, 4.0]), np.array([0.0, 1.0])) == 0.0
+    assert fo.fpr_at_tpr(np.array([0.0, 1.0]), np.array([2.0, 3.0])) == 1.0
+    ids = np.arange(100.0)  # 95% TPR keeps ids >= 5: OOD at 4.5 is rejected, at 5 accepted
+    assert fo.fpr_at_tpr(ids, np.array([4.5, 5.0])) == 0.5
+
+
+def test_fisher_gaussian_fit_and_score_match_float64_reference():
+    rng = np.random.default_rng(1)
+    fit_feats = rng.normal(size=(50, 6)) * [1, 2, 3, 4, 5, 6] + 10
+    fit_feats[:, 2] = 4.0  # a zero-variance feature: dropped
+    new = rng.normal(size=(7, 6)) * 3
+    fit = fo.fit_gaussians(fit_feats)
+    assert fit[2].tolist() == [True, True, False, True, True, True]
+    for row, got in zip(new, fo.gaussian_score(new, fit)):
+        want = 0.0
+        for l in [0, 1, 3, 4, 5]:
+            col = [float(v) for v in fit_feats[:, l]]
+            mu = sum(col) / len(col)
+            sd = math.sqrt(sum((v - mu) ** 2 for v in col) / (len(col) - 1))
+            want += -0.5 * ((row[l] - mu) / sd) ** 2 - math.log(sd * math.sqrt(2 * math.pi))
+        assert got == pytest.approx(want, rel=1e-12)
+    # scaling the loss by c multiplies every f by c^2 and shifts every log f equally: score unchanged
+    f_fit, f_new = np.exp(rng.normal(size=(40, 5))), np.exp(rng.normal(size=(9, 5)))
+    s1 = fo.gaussian_score(fo.log_features(f_new), fo.fit_gaussians(fo.log_features(f_fit)))
+    s2 = fo.gaussian_score(fo.log_features(49 * f_new), fo.fit_gaussians(fo.log_features(49 * f_fit)))
+    np.testing.assert_allclose(s1, s2, rtol=1e-10)
+
+
+def test_fisher_typicality_and_likelihood_groups():
+    losses = np.arange(12.0)
+    np.testing.assert_array_equal(fo.group_losses(losses, 5), [10.0, 35.0])  # tail of 2 dropped
+    feats = {k: {1: torch.ones(4, 3), 2: torch.ones(2, 3)} for k in ("fit", "eval", "x")}
+    ls = dict(fit=np.array([1.0, 3.0, 1.0, 3.0]), eval=np.array([2.0, 2.0, 2.0, 2.0]), x=np.array([0.0, 4.0, 0.0, 4.0]))
+    rows, scores, kept = fo.evaluate_model(ls, feats, [1, 2], ["x"])
+    assert kept == {1: [0, 3], 2: [0, 3]}  # constant features have zero variance: all dropped
+    np.testing.assert_array_equal(scores[1]["x"]["typicality"], [-2.0, -2.0, -2.0, -2.0])  # H = 2, symmetric
+    np.testing.assert_array_equal(scores[1]["x"]["likelihood"], [0.0, -4.0, 0.0, -4.0])
+    np.testing.assert_array_equal(scores[2]["x"]["typicality"], [0.0, 0.0])  # H = 4 for pairs
+
+
+@pytest.mark.parametrize("kind", fo.MODELS)
+def test_fisher_model_loss_falls(kind, tmp_path):
+    cfg = fo.Config(hidden=32, latent=4, couplings=2, n_test=40, n_ood=20, max_steps=25, warmup=2,
+                    batch_size=32, lr=3e-3, threads=1, out=str(tmp_path))
+    ctx = fo.setup(cfg)
+    train_x = fo.make_set("train", 256, 0)
+    x = train_x[:64].float() / 255
+    torch.manual_seed(0)
+    before = fo.build(kind, cfg).eval()
+    noise = before.draw_noise(64, torch.Generator().manual_seed(3))
+    torch.manual_seed(0)  # fit_model builds the same initial model
+    after, summary = fo.fit_model(kind, cfg, ctx, train_x)
+    # diffusion: judge at a middle timestep; at t = 0 the noise is nearly unpredictable and the loss ~ flat
+    extra = (torch.full((64,), 300),) if kind == "diffusion" else ()
+    with torch.no_grad():
+        l0, l1 = before(x, noise, *extra).mean().item(), after(x, noise, *extra).mean().item()
+    assert summary["steps"] == 25 and math.isfinite(l1)
+    assert l1 < l0 - 0.02 * abs(l0), f"{kind}: {l0:.4f} -> {l1:.4f}"
+
+
+def test_fisher_datasets_deterministic(tmp_path):
+    for name in ["train"] + fo.OOD_SETS:
+        a, b = fo.make_set(name, 12, 0), fo.make_set(name, 12, 0)
+        assert a.dtype == torch.uint8 and a.shape == (12, 784)
+        assert torch.equal(a, b), name
+        assert not torch.equal(a, fo.make_set(name, 12, 1)), name
+    assert not torch.equal(fo.make_set("train", 12, 0), fo.make_set("test", 12, 0))  # separate streams
+    # the simple sets have no pixel noise: constant images are constant
+    c = fo.make_set("constant", 5, 0)
+    assert (c == c[:, :1]).all()
+    cfg = fo.Config(n_train=30, n_test=40, n_ood=20, out=str(tmp_path))
+    first, cached = fo.load_data(cfg), fo.load_data(cfg)
+    assert set(first) == {"train", "fit", "eval", *fo.OOD_SETS} and len(first["fit"]) == 20
+    assert all(torch.equal(first[k], cached[k]) for k in first)
+
+
+def test_fisher_idx_parser():
+    imgs = torch.randint(0, 256, (3, 784), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    raw = b"".join(v.to_bytes(4, "big") for v in (0x803, 3, 28, 28)) + imgs.numpy().tobytes()
+    assert torch.equal(fo.parse_idx(raw), imgs)
+    with pytest.raises(fo.DataError):
+        fo.parse_idx(raw[:-1])
+
+
+def test_fisher_cli_bad_input(capsys):
+    r = subprocess.run([sys.executable, "fisher_ood.py", "--model=bogus"], cwd=FO_ROOT, capture_output=True,
+                       text=True, timeout=60)
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "error" in lines[0] and "Traceback" not in r.stderr, r.stderr
+    for args in (["--batch_sizes=1,x"], ["--diff_t=1000"], ["--data=svhn"], ["--n_test=-1"], ["--nope"]):
+        with pytest.raises(SystemExit) as e:  # the same parser in-process: cheaper than a subprocess each
+            fo.parse_config(fo.Config, "fisher_ood", args)
+        assert e.value.code == 2
+        err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+        assert len(err) == 1 and "error" in err[0], err
