@@ -518,7 +518,7 @@ def plot(cfg, rows):
         fig, ax = plt.subplots(figsize=(6.5, 4))
         for r in rows:
             xs = [e["train_bytes"] / 1e6 for e in r["curve"]]
-            ax.plot(xs, [e["bpb"] for e in r["curve"]], marker="o", ms=3,
+            ax.plot(xs, [e["bpb"] for e in r["curve"]], marker="o", ms=3, ls="--" if ":" in r["method"] else "-",
                     label=f"{r['method']} (rate {r['rate']:.2f})")
         ax.set_xlabel("training bytes (millions)"); ax.set_ylabel("held-out bits per byte")
         ax.set_title(f"byte U-Net, target rate {cfg.rate}: bpb vs training bytes"); ax.grid(alpha=0.3)
