@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from train import (TrainConfig, parse_config, setup, die, TransformerLM, count_params, train,
+from train import (TrainConfig, parse_config, setup, die, fill_auto, TransformerLM, count_params, train,
                    save_results, save_figure, embedded_text, download, get_tokenizer, maybe_compile)
 
 
@@ -76,19 +76,10 @@ class Config(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        gpu = self.gpu  # the "0 = auto" fields resolve to the CPU toy or the paper's real scale
-        self.data = self.data if self.data != "auto" else ("tinyshakespeare" if gpu else "prose")
-        self.tokenizer = self.tokenizer if self.tokenizer != "auto" else ("gpt2" if gpu else "char")
-        self.widths = self.widths or ("96,192,384,768" if gpu else "16,32,64,128")
-        self.n_layer = self.n_layer or (12 if gpu else 2)
-        self.n_head = self.n_head or (12 if gpu else 2)
-        self.seq_len = self.seq_len or (512 if gpu else 32)
-        self.n_train = self.n_train or (0 if gpu else 128)
-        self.epochs = self.epochs or (50 if gpu else 150)
-        self.batch_size = self.batch_size or (12 if gpu else 32)
-        self.lr = self.lr or (6e-4 if gpu else 1e-3)
+        fill_auto(self, data=("prose", "tinyshakespeare"), tokenizer=("char", "gpt2"),  # CPU toy | paper scale
+                  widths=("16,32,64,128", "96,192,384,768"), n_layer=(2, 12), n_head=(2, 12), seq_len=(32, 512),
+                  n_train=(128, 0), epochs=(150, 50), batch_size=(32, 12), lr=(1e-3, 6e-4), eval_batch=(512, 16))
         self.sample_steps = self.sample_steps or self.seq_len
-        self.eval_batch = self.eval_batch or (16 if gpu else 512)
         if self.tokenizer not in ("char", "gpt2", "bpe"):
             raise ValueError(f"--tokenizer must be auto|char|gpt2|bpe, got {self.tokenizer!r}")
         if not self.model_list or set(self.model_list) - {"ar", "mdlm"}:

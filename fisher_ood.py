@@ -47,7 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from train import (TrainConfig, parse_config, setup, die, count_params, train, save_results,
+from train import (TrainConfig, parse_config, setup, die, fill_auto, count_params, train, save_results,
                    save_figure, download_url)
 from train import DataError
 
@@ -83,12 +83,8 @@ class Config(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        gpu = self.gpu  # "0 = auto" fields resolve to the CPU toy or the GPU scale
-        self.n_train = self.n_train or (60000 if gpu else 12000)
-        self.n_test = self.n_test or (10000 if gpu else 2000)
-        self.n_ood = self.n_ood or (5000 if gpu else 1000)
-        self.hidden = self.hidden or (1024 if gpu else 256)
-        self.max_steps = self.max_steps or (20000 if gpu else 1200)
+        fill_auto(self, n_train=(12000, 60000), n_test=(2000, 10000), n_ood=(1000, 5000),  # CPU toy | GPU scale
+                  hidden=(256, 1024), max_steps=(1200, 20000))
         bad = set(self.model_list) - set(MODELS)
         if bad or not self.model_list:
             raise ValueError(f"--model: unknown {sorted(bad)}; choose from {', '.join(MODELS)} or all")

@@ -53,7 +53,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from train import (TrainConfig, parse_config, setup, die, Block, rope_angles, count_params, train,
+from train import (TrainConfig, parse_config, setup, die, fill_auto, Block, rope_angles, count_params, train,
                    save_results, save_figure, embedded_text, download, get_tokenizer, maybe_compile)
 from train import init_weights, make_optimizer
 
@@ -105,14 +105,9 @@ class Config(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        g = self.gpu  # "0 = auto" fields resolve to the CPU toy or the paper's scale
-        self.data = self.data if self.data != "auto" else ("enwik8" if g else "prose")
-        for name, cpu, gpu in (("n_embd", 128, 768), ("n_head", 4, 12), ("n_enc", 1, 4), ("n_main", 2, 12),
-                               ("n_dec", 1, 4), ("seq_len", 256, 4096), ("batch_size", 16, 128),
-                               ("max_steps", 400, 12000), ("lr", 2e-3, 1.5e-3), ("warmup", 30, 300),
-                               ("gate_scale", 4.0, 1 / 16)):
-            if not getattr(self, name):
-                setattr(self, name, gpu if g else cpu)
+        fill_auto(self, data=("prose", "enwik8"), n_embd=(128, 768), n_head=(4, 12), n_enc=(1, 4),  # CPU toy | paper scale
+                  n_main=(2, 12), n_dec=(1, 4), seq_len=(256, 4096), batch_size=(16, 128), max_steps=(400, 12000),
+                  lr=(2e-3, 1.5e-3), warmup=(30, 300), gate_scale=(4.0, 1 / 16))
         self.eval_every = self.eval_every or max(1, self.max_steps // 6)
         if self.method not in METHODS:
             raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from train import (TrainConfig, parse_config, setup, die, TransformerLM, count_params, train,
+from train import (TrainConfig, parse_config, setup, die, fill_auto, TransformerLM, count_params, train,
                    save_results, save_figure)
 
 
@@ -85,14 +85,8 @@ class Config(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        gpu = self.gpu  # "0 = auto" fields resolve to the CPU toy or the larger GPU scale
-        self.seeds = self.seeds or (5 if gpu else 4)
-        self.rounds = self.rounds or (5 if gpu else 3)
-        self.n_layer = self.n_layer or (4 if gpu else 2)
-        self.n_head = self.n_head or (4 if gpu else 2)
-        self.n_embd = self.n_embd or (256 if gpu else 64)
-        self.pretrain_steps = self.pretrain_steps or (4000 if gpu else 600)
-        self.prompts = self.prompts or (4000 if gpu else 800)
+        fill_auto(self, seeds=(4, 5), rounds=(3, 5), n_layer=(2, 4), n_head=(2, 4), n_embd=(64, 256),  # CPU | GPU
+                  pretrain_steps=(600, 4000), prompts=(800, 4000))
         if self.target not in ANIMALS or self.other not in ANIMALS or self.target == self.other:
             raise ValueError(f"--target and --other must be two different animals of {', '.join(ANIMALS)}")
         if self.judge not in ("finetuned", "prompted"):

@@ -120,6 +120,14 @@ def parse_config(cls, script, argv=None):
     return cfg
 
 
+def fill_auto(cfg, **defaults):
+    """Resolve "auto" fields: each keyword maps a field to (CPU value, --gpu value); a field left at
+    0, "" or "auto" takes the value for the scale being run, so one flag picks toy or real scale."""
+    for name, (cpu, gpu) in defaults.items():
+        if getattr(cfg, name) in (0, "", "auto"):
+            setattr(cfg, name, gpu if cfg.gpu else cpu)
+
+
 def die(msg, code=1):
     """One-line error for the user: no traceback."""
     print(f"error: {msg}", file=sys.stderr)
