@@ -42,14 +42,13 @@ import torch
 import torch.nn.functional as F
 
 from train import (TrainConfig, parse_config, setup, die, fill_auto, TransformerLM, count_params, train,
-                   save_results, save_figure, embedded_text, download, get_tokenizer, maybe_compile)
+                   save_results, save_figure, embedded_text, download, maybe_compile, cli, DataError)
 
 
 @dataclass
 class Config(TrainConfig):
     data: str = "auto"  # auto (prose on CPU, tinyshakespeare with --gpu) | prose | code (text shipped with Python) | tinyshakespeare (downloaded) | path to a UTF-8 text file (first 90 percent train)
-    tokenizer: str = "auto"  # auto (char on CPU, gpt2 with --gpu) | char | gpt2 (tiktoken; offline falls back to a trained BPE) | bpe
-    bpe_vocab: int = 512  # vocabulary size when a BPE has to be trained
+    tokenizer: str = "auto"  # auto (char on CPU, gpt2 with --gpu) | char | gpt2 (tiktoken's GPT-2 BPE; needs the network once)
     models: str = "ar,mdlm"  # which objectives to train: ar, mdlm or both
     widths: str = ""  # comma-separated model widths (empty = 16,32,64,128 on CPU; 96,192,384,768 with --gpu)
     n_layer: int = 0  # Transformer blocks (0 = 2 on CPU, 12 with --gpu)
@@ -59,7 +58,6 @@ class Config(TrainConfig):
     n_test: int = 128  # test sequences, at most (0 = all the test text gives)
     epochs: int = 0  # passes over the training set (0 = 150 on CPU, 50 with --gpu)
     batch_size: int = 0  # sequences per optimizer step (0 = 32 on CPU, 12 with --gpu)
-    max_steps: int = 0  # ignored: the run length is epochs x steps per epoch
     lr: float = 0.0  # peak learning rate, constant after warm-up (0 = 1e-3 on CPU, 6e-4 with --gpu)
     warmup: int = 10  # linear warm-up steps
     min_lr_ratio: float = 1.0  # cosine end point as a fraction of lr (1 = constant LR, as in the design)
@@ -74,14 +72,17 @@ class Config(TrainConfig):
     n_samples: int = 3  # samples printed per model at the end
     bench: bool = False  # only measure training throughput (tokens/s) of both objectives and exit
 
+    unused = ("max_steps", "eval_every", "log_every")  # set per run: epochs x steps per epoch, one eval per epoch
+    resume_free = TrainConfig.resume_free + ("models", "widths", "bench", "n_samples", "sample_steps")
+
     def __post_init__(self):
         super().__post_init__()
         fill_auto(self, data=("prose", "tinyshakespeare"), tokenizer=("char", "gpt2"),  # CPU toy | paper scale
                   widths=("16,32,64,128", "96,192,384,768"), n_layer=(2, 12), n_head=(2, 12), seq_len=(32, 512),
                   n_train=(128, 0), epochs=(150, 50), batch_size=(32, 12), lr=(1e-3, 6e-4), eval_batch=(512, 16))
         self.sample_steps = self.sample_steps or self.seq_len
-        if self.tokenizer not in ("char", "gpt2", "bpe"):
-            raise ValueError(f"--tokenizer must be auto|char|gpt2|bpe, got {self.tokenizer!r}")
+        if self.tokenizer not in ("char", "gpt2"):
+            raise ValueError(f"--tokenizer must be auto|char|gpt2, got {self.tokenizer!r}")
         if not self.model_list or set(self.model_list) - {"ar", "mdlm"}:
             raise ValueError(f"--models must be a comma list of ar,mdlm, got {self.models!r}")
         try:
@@ -128,8 +129,12 @@ def tokenize(cfg, train_text, test_text):
         index = {c: i for i, c in enumerate(chars)}
         return ([index[c] for c in train_text], [index[c] for c in test_text], len(chars),
                 lambda ids: "".join(chars[i] for i in ids))
-    enc = get_tokenizer(cfg.tokenizer, text=train_text.encode("utf-8"), vocab_size=cfg.bpe_vocab,
-                        cache_dir=str(Path(cfg.out) / "tokenizer"))
+    import tiktoken
+    try:  # never a silent stand-in: a 512-token BPE is a different experiment from GPT-2's 50k vocabulary
+        enc = tiktoken.get_encoding("gpt2")
+    except Exception as e:
+        raise DataError(f"--tokenizer=gpt2: tiktoken could not load GPT-2's BPE ({type(e).__name__}; it is "
+                        "downloaded once, then cached): connect once, or use --tokenizer=char") from None
     return enc.encode_ordinary(train_text), enc.encode_ordinary(test_text), enc.n_vocab, enc.decode
 
 
@@ -186,10 +191,12 @@ def masked_nll(model, x, masked, V):
     return torch.where(masked, nll, 0.0), masked & (logits.argmax(-1) == x)
 
 
-def mdlm_nelbo_at(model, x, V, t):
+def mdlm_nelbo_at(model, x, V, t, u=None):
     """One-sample continuous-time NELBO per sequence, in nats per token, at masking times t (B,):
-    (1/t) * sum of masked-token NLLs / L. Its expectation over t ~ U(0, 1) is L(x) / L."""
-    masked = torch.rand(x.shape, device=x.device) < t[:, None]  # (B, L) each token masked w.p. t
+    (1/t) * sum of masked-token NLLs / L. Its expectation over t ~ U(0, 1) is L(x) / L.
+    u (B, L): the uniforms that decide the masks (drawn here unless given)."""
+    u = torch.rand(x.shape, device=x.device) if u is None else u
+    masked = u < t[:, None]  # (B, L) each token masked w.p. t
     nll, _ = masked_nll(model, x, masked, V)
     return nll.sum(1) / t / x.shape[1]  # (B,)
 
@@ -279,9 +286,12 @@ def build(kind, cfg, V, d):
 
 
 def epoch_batches(cfg, N):
-    """get_batch(i) for true epochs: each epoch is a fresh permutation of the N sequences, cut into
-    ceil(N / B) batches, so every sequence is seen exactly once per epoch. Deterministic in i."""
-    per_epoch = math.ceil(N / cfg.batch_size)
+    """get_batch(i) for epochs: each epoch is a fresh permutation of the N sequences, cut into
+    floor(N / B) full batches (train.py needs every batch whole; when B does not divide N, the
+    N mod B sequences left over differ from epoch to epoch). Deterministic in i."""
+    per_epoch = N // cfg.batch_size
+    if per_epoch == 0:
+        raise ValueError(f"--batch_size={cfg.batch_size} is larger than the {N} training sequences")
 
     def rows(i):
         epoch, j = divmod(i, per_epoch)
@@ -296,7 +306,9 @@ def loss_fn_for(kind, V, eps):
         nll, _ = ar_nll(model, x, V)
         return nll.mean(), dict(items=x.numel())
 
-    def mdlm_loss(model, x):
+    def mdlm_loss(model, x):  # x: (B, L) tokens, or dict(x, t, u) with the noise given
+        if isinstance(x, dict):
+            return mdlm_nelbo_at(model, x["x"], V, x["t"], x["u"]).mean(), dict(items=x["x"].numel())
         return mdlm_nelbo_at(model, x, V, antithetic_times(len(x), eps, x.device)).mean(), dict(items=x.numel())
     return ar_loss if kind == "ar" else mdlm_loss
 
@@ -498,6 +510,7 @@ def main(argv=None):
         train_ids, test_ids, V, decode = tokenize(cfg, train_text, test_text)
         train_x = make_sequences(train_ids, cfg.n_train, cfg.seq_len, "training", distinct=True)
         test_x = make_sequences(test_ids, min(cfg.n_test, len(test_ids) // cfg.seq_len), cfg.seq_len, "test")
+        epoch_batches(cfg, len(train_x))  # refuses a batch larger than the training set, before any work
     except (OSError, ValueError, RuntimeError) as e:  # missing file, failed download (DataError), too little text
         die(str(e))
     if cfg.bench:
@@ -508,7 +521,7 @@ def main(argv=None):
     kinds, widths = cfg.model_list, cfg.width_list
     print(f"data {cfg.data} ({cfg.tokenizer}, V={V}): {len(train_x)} train x {cfg.seq_len} tokens, "
           f"{len(test_x)} test; floor log2(N)/L = {floor:.4f} bits/token; {cfg.epochs} epochs of "
-          f"{math.ceil(len(train_x) / cfg.batch_size)} steps; widths {widths}; {cfg.n_layer} layers, {cfg.n_head} heads")
+          f"{len(train_x) // cfg.batch_size} steps; widths {widths}; {cfg.n_layer} layers, {cfg.n_head} heads")
 
     records, throughput, models, rescored, t_start = [], {}, {}, {}, time.time()
     for kind in kinds:
@@ -560,7 +573,7 @@ def main(argv=None):
         where = (f"threshold d={thr['width']} ({thr['params']:,} params) at epoch {thr['epoch']}" if thr
                  else f"not reached by any width within {cfg.epochs} epochs")
         print(f"  {k.upper():4s} {where}; first epoch per width: {s['first_interpolating_epoch'] or '-'}")
-        print(f"       smallest interpolating width by epoch budget: " +
+        print("       smallest interpolating width by epoch budget: " +
               ", ".join(f"{e}: {d or '-'}" for e, d in s["frontier"].items()))
         b = s["best_test"]
         print(f"       best test {b['bpt']:.3f}" + (f" +- {b['se']:.3f}" if b["se"] else "") +
@@ -620,4 +633,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

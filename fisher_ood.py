@@ -37,7 +37,7 @@ diffusion, flow), a few minutes on one CPU thread. `--data=fashionmnist|mnist` d
 pair (checked by size and md5). `--gpu` selects wider models, more data and steps. `--bench` times the
 per-example norms (fast / vmap / loop) at batch 128. No hand-written Triton anywhere.
 """
-import gzip, hashlib, math, time, zlib
+import gzip, hashlib, math, sys, time, zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,9 +47,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from train import (TrainConfig, parse_config, setup, die, fill_auto, count_params, train, save_results,
+from train import (cli, TrainConfig, parse_config, setup, die, fill_auto, count_params, train, save_results,
                    save_figure, download_url)
-from train import DataError
+from train import DataError, atomic_save, load_checked
 
 
 @dataclass
@@ -77,9 +77,8 @@ class Config(TrainConfig):
     warmup: int = 50  # linear warm-up steps
     weight_decay: float = 0.0  # AdamW weight decay (off: the models are small and the data plentiful)
     log_every: int = 50  # steps between progress-bar updates
-    eval_every: int = 0  # unused here: the models are scored once, after training
-    ckpt_every: int = 0  # unused here: no checkpoints (each model trains in about a minute)
-    resume: bool = False  # unused here: no checkpoints to resume from
+    # the models are scored once, after training, and train in about a minute each: no checkpoints
+    unused = ("eval_every", "ckpt_every", "resume", "force_resume")
 
     def __post_init__(self):
         super().__post_init__()
@@ -283,15 +282,16 @@ def load_data(cfg):
     key = f"v1-{cfg.seed}-{cfg.n_train}-{cfg.n_test}-{cfg.n_ood}-{cfg.pixel_noise}"
     path = Path(cfg.out) / "data" / f"shapes-{hashlib.sha1(key.encode()).hexdigest()[:10]}.pt"
     if path.exists():
-        return torch.load(path)
+        try:
+            return load_checked(path)
+        except DataError as e:  # truncated or garbled: make it again
+            print(f"note: {e}; generating it again", file=sys.stderr)
     t0 = time.time()
     test_x = make_set("test", cfg.n_test, cfg.seed, cfg.pixel_noise)
     sets = dict(train=make_set("train", cfg.n_train, cfg.seed, cfg.pixel_noise),
                 fit=test_x[:cfg.n_test // 2], eval=test_x[cfg.n_test // 2:],
                 **{name: make_set(name, cfg.n_ood, cfg.seed, cfg.pixel_noise) for name in OOD_SETS})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(sets, path.with_suffix(".tmp"))
-    path.with_suffix(".tmp").replace(path)
+    atomic_save(sets, path)
     print(f"generated {sum(len(v) for v in sets.values()):,} images in {time.time() - t0:.1f}s (cached at {path})")
     return sets
 
@@ -418,6 +418,23 @@ def build(kind, cfg):
     return Flow(cfg.hidden, cfg.couplings, cfg.seed)
 
 
+def training_loss(kind, cfg, noise_dim):
+    """loss_fn(model, x) for train(): x (B, 28, 28) images, or dict(x, noise[, t]) with the noise given."""
+    def loss_fn(m, x):  # training draws its randomness from torch's RNG (train() seeds and checkpoints it)
+        given = x if isinstance(x, dict) else {}
+        x = given.get("x", x)
+        # fresh noise every step while training (a fixed draw per example is only needed for scoring)
+        if "noise" in given:
+            noise = given["noise"]
+        else:
+            noise = torch.rand_like(x) if kind == "flow" else torch.randn(len(x), noise_dim, device=x.device)
+        if kind == "diffusion":  # the usual DDPM objective: all timesteps, uniformly
+            t = given["t"] if "t" in given else torch.randint(cfg.diff_T, (len(x),), device=x.device)
+            return m(x, noise, t).mean(), {}
+        return m(x, noise).mean(), {}
+    return loss_fn
+
+
 def fit_model(kind, cfg, ctx, train_x):
     """Train with train.py's loop; batch i = a seeded random draw of training images."""
     # Training is ordinary maximum likelihood (or the DDPM objective) on the ID training split only;
@@ -429,15 +446,7 @@ def fit_model(kind, cfg, ctx, train_x):
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)
         return images[torch.randint(len(images), (cfg.batch_size,), generator=g)]
 
-    def loss_fn(m, x):  # training draws its randomness from the global RNG (checkpointed by train())
-        # fresh noise every step while training (a fixed draw per example is only needed for scoring)
-        noise = torch.rand_like(x) if kind == "flow" else torch.randn(len(x), model.noise_dim, device=x.device)
-        if kind == "diffusion":  # the usual DDPM objective: all timesteps, uniformly
-            t = torch.randint(cfg.diff_T, (len(x),), device=x.device)
-            return m(x, noise, t).mean(), {}
-        return m(x, noise).mean(), {}
-
-    summary = train(model, get_batch, loss_fn, cfg, ctx, ckpt_path=False, desc=kind, quiet=True)
+    summary = train(model, get_batch, training_loss(kind, cfg, getattr(model, "noise_dim", 0)), cfg, ctx, ckpt_path=False, desc=kind, quiet=True)
     # eval mode as the authors score; it changes nothing for these models (no dropout or BatchNorm),
     # but it would matter for BatchNorm, which would also couple examples and break per-example norms
     return model.eval(), summary
@@ -719,7 +728,7 @@ def plot(cfg, scores_by_model, ood_names):
             for col, (method, label) in enumerate([("likelihood", "-loss (raw likelihood), values far outside the ID range omitted"),
                                                    ("gradient", "log10(1 + max ID score - score), gradient")]):
                 ax = axes[row, col]
-                top = sc["eval"]["gradient"].max()
+                top, peak = sc["eval"]["gradient"].max(), 1.0  # peak: the ID histogram's, set first
                 for name in ["eval"] + ood_names:
                     v = sc[name][method]
                     v = np.log10(1 + np.clip(top - v, 0, 1e300)) if method == "gradient" else v[(v >= lo) & (v <= hi)]
@@ -841,4 +850,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

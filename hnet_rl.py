@@ -45,7 +45,8 @@ rate drift to 0.5 once the policy moved). --gate_scale=0.0625 --rate_offset_lr=0
 Defaults run offline in a few minutes (English prose shipped with Python). `--gpu` is the paper's
 scale (d 768, 4/12/4 blocks, 4096-byte sequences, enwik8); no hand-written Triton anywhere.
 """
-import math, time
+import base64, collections, hashlib, heapq, math, re, time
+from pathlib import Path
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,8 +55,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from train import (TrainConfig, parse_config, setup, die, fill_auto, Block, rope_angles, count_params, train,
-                   save_results, save_figure, embedded_text, download, get_tokenizer, maybe_compile)
-from train import init_weights, make_optimizer
+                   save_results, save_figure, embedded_text, download, maybe_compile, atomic_write, cli)
+from train import init_weights, make_optimizer, global_mean
 
 METHODS = ("rl", "hnet", "uniform", "fixed", "space", "bpe")
 ABLATIONS = {  # name -> overrides of the rl config (the repo's ablation table)
@@ -83,7 +84,8 @@ class Config(TrainConfig):
     n_dec: int = 0  # decoder byte blocks (0 = 1 on CPU, 4 with --gpu)
     window: int = 64  # sliding attention window of the byte blocks (0 = full causal attention)
     seq_len: int = 0  # bytes per training sequence (0 = 256 on CPU, 4096 with --gpu)
-    batch_size: int = 0  # sequences per step (0 = 16 on CPU, 128 with --gpu)
+    batch_size: int = 0  # sequences per optimizer step (0 = 16 on CPU, 128 with --gpu)
+    grad_accum: int = 0  # micro-steps per optimizer step (0 = 1 on CPU, 4 with --gpu: 32 rows of 4096 bytes per forward fit an 80 GB GPU)
     max_steps: int = 0  # optimizer steps per method (0 = 400 on CPU, 12000 with --gpu)
     lr: float = 0.0  # peak learning rate (0 = 2e-3 on CPU, 1.5e-3 with --gpu)
     warmup: int = 0  # warm-up steps (0 = 30 on CPU, 300 with --gpu)
@@ -103,11 +105,13 @@ class Config(TrainConfig):
     eval_windows: int = 128  # held-out sequences of seq_len bytes per evaluation
     bench: bool = False  # only measure training bytes/s of every method and exit
 
+    resume_free = TrainConfig.resume_free + ("compare", "ablations", "bench")
+
     def __post_init__(self):
-        super().__post_init__()
         fill_auto(self, data=("prose", "enwik8"), n_embd=(128, 768), n_head=(4, 12), n_enc=(1, 4),  # CPU toy | paper scale
                   n_main=(2, 12), n_dec=(1, 4), seq_len=(256, 4096), batch_size=(16, 128), max_steps=(400, 12000),
-                  lr=(2e-3, 1.5e-3), warmup=(30, 300), gate_scale=(4.0, 1 / 16))
+                  lr=(2e-3, 1.5e-3), warmup=(30, 300), gate_scale=(4.0, 1 / 16), grad_accum=(1, 4))
+        super().__post_init__()
         self.eval_every = self.eval_every or max(1, self.max_steps // 6)
         if self.method not in METHODS:
             raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
@@ -249,7 +253,7 @@ class ChunkedByteLM(nn.Module):
                     a[:, t] = torch.sigmoid(self.rl_logits(V[:, lo: t + 1], a[:, lo: t + 1])[:, -1]) > thresh[:, t]
             a[:, 0] = True  # forced: the first byte always starts a chunk (no gradient: masked below)
             if self.training and self.cfg.rate_offset_lr:  # integral control: too many boundaries -> lower
-                self.rate_offset -= self.cfg.rate_offset_lr * (a[:, 1:].float().mean() - self.cfg.rate)
+                self.rate_offset -= self.cfg.rate_offset_lr * (global_mean(a[:, 1:].float()) - self.cfg.rate)
         logits = self.rl_logits(V, a)
         logp = torch.where(a, F.logsigmoid(logits), F.logsigmoid(-logits))  # log pi(a_t), with gradient
         return dict(b=a, logits=logits, p=torch.sigmoid(logits), logp=logp)
@@ -335,13 +339,13 @@ def policy_loss(out, ce_final, ce_early, cfg):
     a baseline that removes the 'this byte is hard anyway' part of the reward."""
     r = (ce_early - ce_final) if cfg.early_reward else -ce_final
     adv = r.detach()
-    if cfg.batch_adv:  # batch-relative: compare with other sequences at the same position
-        adv = adv - adv.mean(0, keepdim=True)
+    if cfg.batch_adv:  # batch-relative: compare with other sequences at the same position (all ranks')
+        adv = adv - global_mean(adv, 0, keepdim=True)
     G = discounted_returns(adv, cfg.gamma)  # action at t affects every later prediction
     logp = out["logp"][:, 1:]  # b_0 is forced: no gradient for it
     pg = -(G[:, 1:] * logp).mean()
     # rate control: push all logits down when the policy fires too often, up when too rarely
-    rate_gap = (out["p"][:, 1:].mean() - cfg.rate).detach()
+    rate_gap = (global_mean(out["p"][:, 1:]) - cfg.rate).detach()
     consistency = out["logits"][:, 1:].mean() * rate_gap
     return cfg.lambda_g * pg + cfg.lambda_c * consistency, dict(pg=pg.detach(), ret_std=G.std())
 
@@ -349,7 +353,7 @@ def policy_loss(out, ce_final, ce_early, cfg):
 def loss_fn_for(cfg):
     def loss_fn(model, batch):
         x, given_b = batch["x"], batch.get("b")
-        out = model(x[:, :-1], given_b)
+        out = model(x[:, :-1], given_b, batch.get("noise"))  # noise (B, L): drawn in the model unless given
         y = x[:, 1:]
         ce_final, ce_early = token_ce(out["logits"], y), token_ce(out["early_logits"], y)
         loss = (1 - cfg.early_weight) * ce_final.mean() + cfg.early_weight * ce_early.mean()
@@ -383,15 +387,82 @@ def load_bytes(cfg):
     return raw[:cut], raw[cut: cut + max(len(raw) // 20, 20 * cfg.seq_len)]
 
 
+# GPT-2's pre-tokenizer split, restricted to ASCII classes so Python's `re` can run it in training
+# and tiktoken's Rust regex agrees with it when encoding: words, numbers, punctuation, spaces.
+SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+"""
+
+
+def train_bpe(text, vocab_size):
+    """Byte-level BPE: start from the 256 bytes, repeatedly merge the most frequent adjacent pair.
+    Words (pre-tokenized chunks) are counted once with their frequency, and pair counts are
+    updated only for the words a merge touches, so this takes seconds, not minutes."""
+    words = collections.Counter(re.findall(SPLIT_PATTERN, text.decode("utf-8", errors="replace")))
+    seqs = [[bytes([b]) for b in w.encode("utf-8")] for w in words]
+    freq = list(words.values())
+    pairs, where = collections.Counter(), collections.defaultdict(set)
+    for wi, seq in enumerate(seqs):
+        for pair in zip(seq, seq[1:]):
+            pairs[pair] += freq[wi]
+            where[pair].add(wi)
+    heap = [(-n, pair) for pair, n in pairs.items()]
+    heapq.heapify(heap)
+    ranks = {bytes([i]): i for i in range(256)}
+    while len(ranks) < vocab_size and heap:
+        n, pair = heapq.heappop(heap)
+        if -n != pairs.get(pair, 0) or n == 0:  # stale heap entry: this pair's count changed since
+            continue
+        merged = pair[0] + pair[1]
+        ranks.setdefault(merged, len(ranks))
+        for wi in list(where[pair]):
+            old, new, i = seqs[wi], [], 0
+            while i < len(old):
+                hit = i + 1 < len(old) and (old[i], old[i + 1]) == pair
+                new.append(merged if hit else old[i])
+                i += 2 if hit else 1
+            for p in zip(old, old[1:]):
+                pairs[p] -= freq[wi]
+                where[p].discard(wi)
+            for p in zip(new, new[1:]):
+                pairs[p] += freq[wi]
+                where[p].add(wi)
+            for p in set(zip(old, old[1:])) | set(zip(new, new[1:])):
+                if pairs[p] > 0:
+                    heapq.heappush(heap, (-pairs[p], p))
+            seqs[wi] = new
+    return ranks
+
+
+def bpe_tokenizer(text, vocab_size, cache_dir):
+    """A byte-level BPE trained on `text`, wrapped in tiktoken.Encoding, its ranks cached as
+    `base64(token) rank` lines. A cache that does not parse as a complete rank table is rebuilt."""
+    import tiktoken
+    path = Path(cache_dir) / f"bpe{vocab_size}-{hashlib.sha1(text).hexdigest()[:12]}.tiktoken"
+    ranks = None
+    if path.exists():
+        try:
+            ranks = {base64.b64decode(tok, validate=True): int(r) for tok, r in
+                     (line.split() for line in path.read_text().splitlines())}
+            if sorted(ranks.values()) != list(range(len(ranks))) or any(ranks.get(bytes([i])) != i for i in range(256)):
+                ranks = None
+        except ValueError:  # also a truncated line, bad base64 or a non-number rank
+            ranks = None
+    if ranks is None:
+        ranks = train_bpe(text, vocab_size)
+        lines = "".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()).encode()
+        atomic_write(path, lambda f: f.write(lines))
+    return tiktoken.Encoding(f"bpe{vocab_size}", pat_str=SPLIT_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": len(ranks)})
+
+
 def bpe_boundaries(cfg, data, train_bytes):
     """b[i] = 1 where a BPE token starts in `data`, with a tokenizer trained on the training bytes."""
-    enc = get_tokenizer("bpe", train_bytes[:2_000_000], vocab_size=cfg.bpe_vocab,
-                        cache_dir=f"{cfg.out}/tokenizer")
+    enc = bpe_tokenizer(train_bytes[:2_000_000], cfg.bpe_vocab, f"{cfg.out}/tokenizer")
     ids = enc.encode_ordinary(data.decode("utf-8", errors="replace"))
     lengths = np.array([len(enc.decode_single_token_bytes(t)) for t in ids])
     text_len = lengths.sum()  # replacement characters may change the byte count: realign by fraction
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) * len(data) // max(text_len, 1)
-    b = np.zeros(len(data), dtype=bool); b[starts] = True
+    b = np.zeros(len(data), dtype=bool)
+    b[starts] = True
     return torch.from_numpy(b)
 
 
@@ -611,4 +682,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

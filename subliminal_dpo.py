@@ -40,16 +40,15 @@ Default: a few CPU minutes on 2 cores (bases are cached per seed in out/sublimin
 `--gpu` runs bigger models, more prompts, rounds and seeds. `--bench` times batched KV-cached
 sampling against a naive one-sequence, no-cache loop. No hand-written Triton anywhere.
 """
-import copy, dataclasses, hashlib, json, math, random, time
+import copy, dataclasses, hashlib, json, math, random, sys, time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from train import (TrainConfig, parse_config, setup, die, fill_auto, TransformerLM, count_params, train,
-                   save_results, save_figure)
+from train import (cli, TrainConfig, parse_config, setup, fill_auto, TransformerLM, count_params, train,
+                   save_results, save_figure, load_checked, DataError)
 
 
 @dataclass
@@ -79,9 +78,13 @@ class Config(TrainConfig):
     eval_prompts: int = 200  # number prompts sampled once per measurement for the format rate
     base_dir: str = ""  # where pretrained bases are cached, one file per seed and config (empty = <out>/base)
     bench: bool = False  # only time batched KV-cached generation against the naive loop, then exit
-    lr: float = 0.0  # unused here: see pretrain_lr, judge_lr, dpo_lr, sft_lr
-    max_steps: int = 0  # unused here: see pretrain_steps, judge_steps (alignment = one epoch)
-    warmup: int = 0  # unused here: pretraining warms up over 5 percent of its steps, alignment not at all
+    # set per call of train(): pretrain_lr/judge_lr/dpo_lr/sft_lr, pretrain_steps/judge_steps (alignment:
+    # one epoch), warm-up over 5 percent of pretraining and none in alignment, no eval callback
+    unused = ("lr", "max_steps", "warmup", "min_lr_ratio", "log_every", "eval_every", "data_dir")
+    # the cached base depends only on the fields in base_signature(): the rest may change on --resume
+    resume_free = TrainConfig.resume_free + (
+        "seeds", "rounds", "target", "other", "judge", "conditions", "judge_steps", "judge_lr", "prompts", "k",
+        "temperature", "beta", "dpo_lr", "sft_lr", "batch_size", "eval_samples", "eval_prompts", "base_dir", "bench")
 
     def __post_init__(self):
         super().__post_init__()
@@ -263,13 +266,17 @@ def pretrain_base(cfg, ctx, seed):
     path = Path(cfg.base_dir or Path(cfg.out) / "base") / f"seed{seed}-{base_signature(cfg)}.pt"
     torch.manual_seed(seed)
     model = new_model(cfg).to(ctx.device)
-    if path.exists():
-        ck = torch.load(path, map_location=ctx.device, weights_only=False)
-        if ck["step"] >= cfg.pretrain_steps:
-            model.load_state_dict(ck["model"])
-            return model, dict(cached=True, history=ck["history"][-1:])
+    try:  # a finished cache is used as it is; a damaged one is trained again
+        ck = load_checked(path) if path.exists() else None
+    except DataError as e:
+        print(f"note: {e}; pretraining it again", file=sys.stderr)
+        ck = None
+        path.unlink()
+    if ck is not None and ck["step"] >= cfg.pretrain_steps:
+        model.load_state_dict(ck["model"])
+        return model, dict(cached=True, history=ck["history"][-1:])
     pcfg = with_steps(cfg, max_steps=cfg.pretrain_steps, lr=cfg.pretrain_lr, warmup=max(1, cfg.pretrain_steps // 20),
-                      min_lr_ratio=0.1, log_every=50, resume=cfg.resume)
+                      min_lr_ratio=0.1, log_every=50, resume=cfg.resume, batch_size=cfg.pretrain_batch)
     out = train(model, lambda i: corpus_batch(seed, i, cfg.pretrain_batch), lm_loss, pcfg, ctx,
                 ckpt_path=path, desc=f"pretrain base (seed {seed})")
     return model, dict(cached=False, history=out["history"][-1:], seconds=out["seconds"])
@@ -278,7 +285,7 @@ def pretrain_base(cfg, ctx, seed):
 def finetune_judge(cfg, ctx, base, seed, animal):
     """Cloud et al.'s teacher: the base fine-tuned to answer `animal` (None = uniform: neutral judge)."""
     judge = copy.deepcopy(base)
-    jcfg = with_steps(cfg, max_steps=cfg.judge_steps, lr=cfg.judge_lr, warmup=0, min_lr_ratio=1.0,
+    jcfg = with_steps(cfg, max_steps=cfg.judge_steps, lr=cfg.judge_lr, warmup=0, min_lr_ratio=1.0, batch_size=32,
                       log_every=cfg.judge_steps, resume=False, weight_decay=0.0, compile_backend="none")
     train(judge, lambda i: trait_batch(seed, i, 32, animal), lm_loss, jcfg, ctx,
           ckpt_path=Path(cfg.out) / "tmp" / "judge.pt", desc=f"judge ({animal or 'neutral'})")
@@ -806,4 +813,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -3,7 +3,7 @@ test_all.py: fast invariant tests for train.py and the four paper scripts (pytes
 Tiny models, fixed seeds; the whole file runs in well under a minute on 2 CPU cores.
 Anything slower is marked `@slow` and skipped by default (RUN_SLOW=1 python -m pytest test_all.py).
 """
-import dataclasses, os, signal, subprocess, sys
+import dataclasses, json, os, signal, subprocess, sys
 from pathlib import Path
 
 import numpy as np
@@ -137,7 +137,7 @@ def test_train_loss_falls_and_checkpoint_round_trips(tmp_path):
     fixed = get_batch(0)
     out = train.train(model, lambda i: fixed, loss_fn, cfg, ctx)
     assert out["history"][-1]["loss"] < out["history"][0]["loss"] - 0.3
-    ck = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    ck = train.load_checked(tmp_path / "ckpt.pt")
     assert ck["step"] == 30 and ck["config"]["max_steps"] == 30
     fresh = TransformerLM(8, 1, 2, 16)
     fresh.load_state_dict(ck["model"])
@@ -159,7 +159,7 @@ def test_train_interrupt_then_resume_equals_uninterrupted(tmp_path):
     with pytest.raises(SystemExit) as e:
         train.train(model, interrupted, loss_fn, cfg, ctx)
     assert e.value.code == 130
-    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["step"] == 4  # finished the step it was in
+    assert train.load_checked(tmp_path / "b" / "ckpt.pt")["step"] == 4  # finished the step it was in
     cfg2, ctx, model2, _, _ = toy_setup(tmp_path / "b", resume=True)
     torch.manual_seed(123)  # resume must not depend on the RNG state it starts from
     train.train(model2, get_batch, loss_fn, cfg2, ctx)
@@ -167,45 +167,90 @@ def test_train_interrupt_then_resume_equals_uninterrupted(tmp_path):
         assert torch.equal(a, b)
 
 
-def test_train_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch):
-    path = tmp_path / "ckpt.pt"
-    train.atomic_save({"step": 1}, path)
+def test_train_resume_restores_rng_from_cpu_tensors(tmp_path, monkeypatch):
+    # On CUDA, torch.load(map_location=<the GPU>) put the saved RNG state on the GPU and
+    # torch.set_rng_state raised "RNG state must be a torch.ByteTensor". The loader must always
+    # read onto the CPU; a map_location that is not the CPU stands in for the GPU here.
+    cfg, ctx, model, get_batch, loss_fn = toy_setup(tmp_path, max_steps=2)
+    train.train(model, get_batch, loss_fn, cfg, ctx)
+    real_load = torch.load
 
-    def broken_save(obj, f):
-        Path(f).write_bytes(b"half a checkpoint")
-        raise OSError("disk full")
+    def load_elsewhere(f, map_location=None, **kw):
+        moved = map_location not in ("cpu", torch.device("cpu"))
+        return real_load(f, map_location="meta" if moved else map_location, **kw)
 
-    monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError):
-        train.atomic_save({"step": 2}, path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
-    assert torch.load(path, weights_only=False)["step"] == 1  # the old good checkpoint survives
+    monkeypatch.setattr(torch, "load", load_elsewhere)
+    cfg2, _, model2, _, _ = toy_setup(tmp_path, max_steps=3, resume=True)
+    meta_ctx = dataclasses.replace(ctx, device=torch.device("meta"))
+    ck = train._resume(tmp_path / "ckpt.pt", model2, train.make_optimizer(model2, cfg2, ctx), cfg2)
+    assert ck["rng"]["torch"].device.type == "cpu" and ck["step"] == 2 and meta_ctx.device.type == "meta"
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
 
 
-def test_train_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
-    cfg, ctx, model, get_batch, loss_fn = toy_setup(tmp_path, ckpt_every=2)
+def test_train_batch_is_split_over_accumulation_not_multiplied(tmp_path):
+    seen = []
+    cfg, ctx, one, get_batch, _ = toy_setup(tmp_path / "a", max_steps=3, batch_size=8, log_every=1)
+    loss_fn = lambda m, x: (seen.append(len(x)) or F.cross_entropy(m(x[:, :-1]).reshape(-1, 8), x[:, 1:].reshape(-1)), {})
+    train.train(one, get_batch, loss_fn, cfg, ctx)
+    cfg4, ctx, four, _, _ = toy_setup(tmp_path / "b", max_steps=3, batch_size=8, grad_accum=4)
+    calls = []
+    train.train(four, lambda i: calls.append(i) or get_batch(i), loss_fn, cfg4, ctx)
+    assert seen == [8] * 3 + [2] * 12 and calls == [0, 1, 2]  # one global batch per step, cut in 4
+    for a, b in zip(one.parameters(), four.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)  # same algorithm, a quarter of the rows per forward
 
+
+def test_train_batch_that_does_not_divide_or_is_partial_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:  # refused in setup(), before any work
+        toy_setup(tmp_path, batch_size=6, grad_accum=4)
+    assert e.value.code == 2 and "--batch_size=6 must divide" in capsys.readouterr().err
+    cfg, ctx, model, get_batch, loss_fn = toy_setup(tmp_path, batch_size=4, grad_accum=2)
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(SystemExit) as e:  # the last, partial batch of an epoch: never a rank with 0 rows
+        train.train(model, lambda i: get_batch(i)[:3 if i == 2 else 4], loss_fn, cfg, ctx)
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.endswith("(drop or pad partial batches)\n") and "get_batch(2) gave [3] rows" in err
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # steps 0-1 ran
+
+
+def _nan_at_step_3(get_batch, loss_fn):
     def batches(i):
         x = get_batch(i)
-        if i == 3:
-            x[0, 0] = -1  # marks the step whose loss will be NaN
+        x[0, 0] = -1 if i == 3 else x[0, 0]  # marks the step whose loss will be NaN
         return x
 
     def guarded(m, x):
         if x[0, 0] == -1:
-            x = x.clone(); x[0, 0] = 0
-            return loss_fn(m, x)[0] * float("nan"), {}
+            return loss_fn(m, x.clamp(min=0))[0] * float("nan"), {}
         return loss_fn(m, x)
+    return batches, guarded
 
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_train_nan_never_reaches_the_weights(tmp_path, capsys, lazy):
+    # lazy: the --gpu guard, which checks on the device and reports at the next log or save step
+    cfg, ctx, model, get_batch, loss_fn = toy_setup(tmp_path, ckpt_every=2, log_every=5, max_steps=8)
+    ctx = dataclasses.replace(ctx, lazy_guard=lazy)
+    batches, guarded = _nan_at_step_3(get_batch, loss_fn)
     with pytest.raises(SystemExit) as e:
         train.train(model, batches, guarded, cfg, ctx)
     assert e.value.code == 1 and "loss became nan at step 3" in capsys.readouterr().err
-    ck = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    ck = train.load_checked(tmp_path / "ckpt.pt")
     assert ck["step"] == 2 and all(torch.isfinite(v).all() for v in ck["model"].values())
 
 
-def test_train_compile_matches_eager(tmp_path):
-    torch._dynamo.reset()
+def test_train_lazy_guard_matches_eager_updates_when_finite(tmp_path):
+    cfg, ctx, a, get_batch, loss_fn = toy_setup(tmp_path / "a", max_steps=4)
+    train.train(a, get_batch, loss_fn, cfg, ctx)
+    cfg, ctx, b, get_batch, loss_fn = toy_setup(tmp_path / "b", max_steps=4)
+    train.train(b, get_batch, loss_fn, cfg, dataclasses.replace(ctx, lazy_guard=True))  # tensor lr, fused AdamW
+    for x, y in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
+
+
+def test_train_compile_matches_eager_and_counts_recompiles(tmp_path):
     torch.manual_seed(0)
     model = TransformerLM(8, 1, 2, 16)
     x = torch.randint(0, 8, (2, 9))
@@ -213,17 +258,106 @@ def test_train_compile_matches_eager(tmp_path):
     fast = train.maybe_compile(model, cfg)
     loss = lambda m: F.cross_entropy(m(x[:, :-1]).reshape(-1, 8), x[:, 1:].reshape(-1))
     torch.testing.assert_close(loss(fast), loss(model))
+    # two runs in one process each compile afresh, once, and never recompile after their first step
+    for run in "ab":
+        cfg, ctx, model, get_batch, loss_fn = toy_setup(tmp_path / run, max_steps=4, compile=True,
+                                                        compile_backend="aot_eager")
+        before = train.COMPILES[0]
+        out = train.train(model, get_batch, loss_fn, cfg, ctx, ckpt_path=False)
+        assert train.COMPILES[0] - before == 1 and out["recompiles"] == 0
+    varying = lambda m, x: loss_fn(m, x[:, : 5 + x.shape[0] % 2 + int(x.sum()) % 3])  # a new shape every step
+    out = train.train(model, get_batch, varying, cfg, ctx, ckpt_path=False)
+    assert out["recompiles"] >= 1  # visible: the summary reports it
     torch._dynamo.reset()
+
+
+def test_train_resume_refuses_another_runs_checkpoint(tmp_path, capsys):
+    cfg, ctx, model, get_batch, loss_fn = toy_setup(tmp_path, max_steps=2)
+    train.train(model, get_batch, loss_fn, cfg, ctx)
+    capsys.readouterr()
+    for over, expect in [(dict(lr=1e-3), "--lr 0.01 -> 0.001"), (dict(batch_size=2), "--batch_size 4 -> 2")]:
+        cfg2, ctx, model2, _, _ = toy_setup(tmp_path, max_steps=3, resume=True, **over)
+        with pytest.raises(SystemExit) as e:
+            train.train(model2, get_batch, loss_fn, cfg2, ctx)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and expect in err and "--force_resume" in err and err.count("\n") == 1
+    with pytest.raises(SystemExit) as e:  # another shape: refused even when forced
+        train.train(TransformerLM(8, 1, 2, 32), get_batch, loss_fn, dataclasses.replace(cfg2, force_resume=True), ctx)
+    assert e.value.code == 2 and "other shapes" in capsys.readouterr().err
+    cfg3, ctx, model3, _, _ = toy_setup(tmp_path, max_steps=3, resume=True, lr=1e-3, force_resume=True)
+    assert train.train(model3, get_batch, loss_fn, cfg3, ctx)["steps"] == 3  # forced: continues
+    cfg4, ctx, model4, _, _ = toy_setup(tmp_path, max_steps=4, resume=True, lr=1e-3, force_resume=True, log_every=2)
+    assert train.train(model4, get_batch, loss_fn, cfg4, ctx)["steps"] == 4  # max_steps/log_every are free
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garble"])
+def test_train_damaged_checkpoint_is_refused_in_one_line(tmp_path, capsys, damage):
+    cfg, ctx, model, get_batch, loss_fn = toy_setup(tmp_path, max_steps=2)
+    train.train(model, get_batch, loss_fn, cfg, ctx)
+    path = tmp_path / "ckpt.pt"
+    raw = bytearray(path.read_bytes())
+    if damage == "truncate":
+        raw = raw[: len(raw) // 2]
+    else:
+        raw[len(raw) // 2: len(raw) // 2 + 64] = b"\xff" * 64
+    path.write_bytes(bytes(raw))
+    capsys.readouterr()
+    cfg2, ctx, model2, _, _ = toy_setup(tmp_path, max_steps=3, resume=True)
+    with pytest.raises(SystemExit) as e:
+        train.train(model2, get_batch, loss_fn, cfg2, ctx)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "damaged or incomplete" in err and err.count("\n") == 1
+
+
+def test_train_full_disk_names_the_file_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    cfg, ctx, model, get_batch, loss_fn = toy_setup(tmp_path, max_steps=4, ckpt_every=2)
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **kw):  # torch's zip writer reports a full disk as a RuntimeError
+        if isinstance(obj, dict) and obj.get("step") == 4:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1024 vs 512")
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(train.DataError, match=r"could not write .*ckpt\.pt: \[enforce fail"):
+        train.train(model, get_batch, loss_fn, cfg, ctx)
+    assert train.load_checked(tmp_path / "ckpt.pt")["step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "ckpt.pt"]  # no temporary file left
+
+    def no_space(f):
+        f.write(b"{")
+        raise OSError(28, "No space left on device")
+    with pytest.raises(train.DataError, match="results.json: .*No space"):
+        train.atomic_write(tmp_path / "results.json", no_space)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "ckpt.pt"]
+
+
+def test_train_second_run_into_the_same_out_refuses(tmp_path, capsys):
+    cfg = TrainConfig(out=str(tmp_path))
+    (tmp_path / ".lock").write_text(str(os.getppid()))  # a live process holds it
+    with pytest.raises(SystemExit) as e:
+        train.setup(cfg)
+    assert e.value.code == 2 and "another run" in capsys.readouterr().err
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / ".lock").write_text(str(dead.pid))  # left by a killed run: taken over
+    train.setup(cfg)
+    assert (tmp_path / ".lock").read_text() == str(os.getpid())
 
 
 def _ddp_worker(rank, world, port, tmp, out):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    cfg, ctx, model, get_batch, _ = toy_setup(Path(tmp), max_steps=1, warmup=1)
-    loss_fn = lambda m, x: (F.cross_entropy(m(x[:, :-1]).reshape(-1, 8), x[:, 1:].reshape(-1)), {})
-    train.train(model, get_batch, loss_fn, cfg, ctx)
-    if rank == 0:
-        torch.save(model.state_dict(), out)
+    cfg, ctx, model, get_batch, _ = toy_setup(Path(tmp), max_steps=2, warmup=1, batch_size=12, grad_accum=3)
+    draws = []
+
+    def loss_fn(m, x):
+        draws.append(float(torch.rand(())))  # in-model noise: must differ between ranks
+        stat = train.global_mean(x[:, 0].float())  # a statistic over the global batch
+        loss = F.cross_entropy(m(x[:, :-1]).reshape(-1, 8), x[:, 1:].reshape(-1))
+        return loss, {"stat": stat}
+    out_ = train.train(model, get_batch, loss_fn, cfg, ctx)
+    torch.save(dict(state=model.state_dict(), draws=draws, stat=out_["history"][-1]["stat"]), f"{out}.{rank}")
     torch.distributed.destroy_process_group()
 
 
@@ -231,28 +365,30 @@ def test_train_ddp_two_processes_equal_one_process(tmp_path):
     import socket
     import torch.multiprocessing as mp
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     mp.spawn(_ddp_worker, args=(2, port, str(tmp_path / "ddp"), str(tmp_path / "ddp.pt")), nprocs=2)
-    cfg, ctx, model, get_batch, _ = toy_setup(tmp_path / "one", max_steps=1, warmup=1)
+    cfg, ctx, model, get_batch, _ = toy_setup(tmp_path / "one", max_steps=2, warmup=1, batch_size=12)
     loss_fn = lambda m, x: (F.cross_entropy(m(x[:, :-1]).reshape(-1, 8), x[:, 1:].reshape(-1)), {})
     train.train(model, get_batch, loss_fn, cfg, ctx)
-    ddp = torch.load(tmp_path / "ddp.pt")
-    for k, v in model.state_dict().items():
-        torch.testing.assert_close(ddp[k], v, atol=1e-6, rtol=1e-5)
-
-# ----------------------------------------------------------------------------------------------
-# train.py: results and data
+    r0, r1 = (torch.load(tmp_path / f"ddp.pt.{r}") for r in (0, 1))
+    for k, v in model.state_dict().items():  # 2 ranks x 3 micro-steps x 2 rows = one process x 12 rows
+        torch.testing.assert_close(r0["state"][k], v, atol=1e-6, rtol=1e-5)
+        assert torch.equal(r0["state"][k], r1["state"][k])
+    # the last micro-step of step 1: rank 0 had rows 8-9 and rank 1 rows 10-11 of the global batch
+    assert r0["stat"] == r1["stat"] == pytest.approx(float(get_batch(1)[8:12, 0].float().mean()))
+    assert r0["draws"] != r1["draws"] and len(set(r0["draws"])) == len(r0["draws"])
 
 
 def test_train_results_json_and_figure(tmp_path):
     cfg = TrainConfig(out=str(tmp_path))
     ctx = train.setup(cfg)
     path = train.save_results(cfg, ctx, {"metric": 1.5})
-    import json
     d = json.loads(path.read_text())
     assert d["metric"] == 1.5 and d["config"]["lr"] == cfg.lr and d["torch"] == torch.__version__
     fig = train.save_figure(tmp_path / "f.png", lambda plt: plt.plot([1, 2]) and None)
     assert fig is None or fig.read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "f.png", "results.json"][: 3 if fig else 2]
 
 
 def test_train_embedded_corpora_split_is_deterministic_and_disjoint():
@@ -281,15 +417,14 @@ def test_train_downloader_checks_and_leaves_nothing_on_failure(tmp_path):
     assert train.download_url(url, tmp_path / "d" / "x.txt", size=1200, sha256=good) == p
 
 
-def test_train_bpe_fallback_round_trips_and_caches(tmp_path):
-    text = train.embedded_text("prose", "val")[:20_000]
-    enc = train.get_tokenizer("bpe", text, 400, tmp_path)
-    assert enc.n_vocab == 401
-    for s in ["The quick brown fox's 123 jumps!\n\n  done", "naïve café ✓ — emoji 🙂", text[-500:].decode()]:
-        assert enc.decode(enc.encode_ordinary(s)) == s
-    assert len(enc.encode_ordinary(text.decode())) < 0.6 * len(text)  # 144 merges already halve it, nearly
-    enc2 = train.get_tokenizer("bpe", text, 400, tmp_path)  # from the cached ranks file
-    assert enc2.encode_ordinary(text.decode()) == enc.encode_ordinary(text.decode())
+def test_train_named_datasets_are_pinned_and_a_bad_zip_is_one_line(tmp_path, monkeypatch):
+    assert all(len(d["sha256"] or "") == 64 and d["size"] for d in train.DATASETS.values())
+    junk = tmp_path / "enwik8.zip"
+    junk.write_bytes(b"PK" + b"\0" * 98)  # the right size (here) but no zip inside
+    monkeypatch.setitem(train.DATASETS, "enwik8", dict(url=junk.as_uri(), file="enwik8.zip", size=100, sha256=None))
+    with pytest.raises(train.DataError, match="not a good enwik8.zip"):
+        train.download("enwik8", tmp_path / "data")
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["enwik8.zip"]
 
 
 def test_train_rope_eager_and_compiled_formulas_agree(monkeypatch):
@@ -301,10 +436,17 @@ def test_train_rope_eager_and_compiled_formulas_agree(monkeypatch):
     # a rotation keeps each pair's norm
     torch.testing.assert_close(eager.norm(dim=-1), x.norm(dim=-1))
 
+
 def test_train_quiet_run_without_checkpoint_writes_nothing(tmp_path, capsys):
     cfg, ctx, model, get_batch, loss_fn = toy_setup(tmp_path / "q", max_steps=2)
     train.train(model, get_batch, loss_fn, cfg, ctx, ckpt_path=False, quiet=True)
-    assert not (tmp_path / "q").exists() and "steps in" not in capsys.readouterr().out
+    assert [p.name for p in (tmp_path / "q").iterdir()] == [".lock"] and "steps in" not in capsys.readouterr().out
+
+
+def test_train_ctrl_c_outside_the_loop_is_one_line():
+    code = "import train, time\ndef main():\n    raise KeyboardInterrupt\ntrain.cli(main)"
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 130 and p.stderr.strip() == "error: interrupted"
 
 
 # ==== paper scripts (merged from each script's tests) ====
@@ -491,9 +633,13 @@ def test_dva_floor_true_epochs_and_noise():
     assert abs(dva.memorisation_floor(torch.cat([x, x])) - math.log2(16) / 4) < 1e-12  # duplicates add nothing
     cfg = dva.Config(batch_size=5, seed=3)
     per_epoch, rows = dva.epoch_batches(cfg, 16)
-    for epoch in range(2):  # every sequence exactly once per epoch
+    for epoch in range(2):  # full batches only (train.py refuses partial ones); no sequence twice in an epoch
         seen = torch.cat([rows(epoch * per_epoch + j) for j in range(per_epoch)])
-        assert per_epoch == 4 and sorted(seen.tolist()) == list(range(16))
+        assert per_epoch == 3 and all(len(rows(epoch * per_epoch + j)) == 5 for j in range(3))
+        assert len(set(seen.tolist())) == 15
+    cfg = dva.Config(batch_size=4, seed=3)
+    per_epoch, rows = dva.epoch_batches(cfg, 16)  # B divides N: every sequence exactly once per epoch
+    assert per_epoch == 4 and sorted(torch.cat([rows(4 + j) for j in range(4)]).tolist()) == list(range(16))
     noisy = dva.add_token_noise(torch.zeros(100, 100, dtype=torch.long), 0.3, 10, 0)
     assert 0.25 < float((noisy != 0).float().mean()) < 0.29  # 0.3 * 9/10 of the tokens change
 

@@ -1,53 +1,52 @@
 """
 train.py: the small shared engine under the four paper scripts.
 
-Read it top to bottom; each section is one idea:
-  config/CLI    a @dataclass per script becomes an argparse parser (`--key=value`)
-  device        CPU fp32 eager by default; `--gpu` = CUDA, bf16 autocast, TF32, fused AdamW,
-                torch.compile (inductor if Triton imports, else the Triton-free `cudagraphs`)
-  model         the shared pre-norm Transformer block (LayerNorm, RoPE, SDPA attention with a
-                causal flag and an optional sliding window, GELU MLP) and a plain LM built from it
-  loop          train(model, get_batch, loss_fn, cfg, ctx): warm-up + cosine LR, clipping,
-                accumulation, eval callback, tqdm, atomic checkpoints, exact resume, Ctrl-C, NaN guard,
-                DDP under torchrun
-  results       results.json and optional matplotlib figures under out/<script>/
-  data          offline corpora shipped with Python, a checked downloader, a BPE tokenizer fallback
-  bench         `python train.py --bench [--gpu]`: tokens/s and MFU of the shared Transformer
+What a script supplies:
+  Config     a @dataclass subclassing TrainConfig; its fields become `--key=value` flags
+  a model    an nn.Module (the shared Block / TransformerLM below, or its own)
+  get_batch  get_batch(step) -> the GLOBAL batch of one optimizer step: exactly --batch_size rows
+             (a tensor, or a dict/tuple of tensors with rows in dim 0), deterministic in step
+  loss_fn    loss_fn(model, rows) -> (loss, metrics): loss is a MEAN over the rows it is given
+What the engine does with them: it cuts the batch into --grad_accum x ranks equal slices, so the
+algorithm (one step = one mean over --batch_size rows) is the same whatever the memory per forward;
+statistics a loss needs over the whole batch go through global_mean(). Under torchrun, torch's RNG
+is reseeded every step from (seed, rank, step): in-model noise differs per rank and is reproducible.
 
-What a script supplies: a Config (subclass of TrainConfig), a model, get_batch(i) -> global batch
-for micro-step i (deterministic in i), and loss_fn(model, batch) -> (loss, metrics).
-There is no hand-written Triton anywhere: on CUDA all fusion comes from torch.compile.
+Sections: config/CLI, device (CPU fp32 eager; `--gpu` = CUDA, bf16 autocast, TF32, fused AdamW,
+torch.compile), the shared Transformer block, the loop (warm-up + cosine, clipping, accumulation,
+eval callback, tqdm, checksummed atomic checkpoints, exact resume, Ctrl-C, NaN guard, DDP), results,
+data (offline corpora, a checked downloader), and `python train.py --bench [--gpu]`.
+No hand-written Triton anywhere: on CUDA all fusion comes from torch.compile.
 """
-import argparse, base64, collections, contextlib, dataclasses, hashlib, inspect, json, math, os
-import random, re, signal, sys, sysconfig, threading, time, urllib.request, zipfile, zlib
+import argparse, atexit, contextlib, dataclasses, hashlib, importlib.util, inspect, io, json, math, os, random, re
+import signal, sys, sysconfig, tempfile, threading, time, urllib.request, zipfile, zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-# API-READY
 # ----------------------------------------------------------------------------------------------
 # config and command line
-
-
 @dataclass
 class TrainConfig:
     out: str = ""  # output directory for results.json, figures and checkpoints (default out/<script>)
     seed: int = 0  # random seed (data order, init, sampling)
     gpu: bool = False  # fused CUDA path: bf16 autocast, TF32, fused AdamW, torch.compile
     compile: bool = False  # torch.compile on CPU too (opt-in; always on with --gpu)
-    compile_backend: str = "auto"  # auto (inductor if Triton imports, else cudagraphs) | inductor | cudagraphs | aot_eager | eager
+    compile_backend: str = "auto"  # auto (inductor if Triton imports, else cudagraphs) | inductor | cudagraphs | aot_eager | eager | none
     threads: int = 0  # CPU threads for torch (0 = all cores)
     lr: float = 3e-3  # peak learning rate (AdamW)
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup: int = 20  # linear warm-up steps
     max_steps: int = 200  # optimizer steps
-    batch_size: int = 16  # sequences per optimizer step (summed over processes and accumulation)
-    grad_accum: int = 1  # micro-steps per optimizer step
+    batch_size: int = 16  # rows per optimizer step, in total over all processes and accumulation micro-steps
+    grad_accum: int = 1  # micro-steps per optimizer step: each forward sees batch_size / (grad_accum x processes) rows
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
     weight_decay: float = 0.1  # AdamW weight decay on matrices (not on norms, biases, embeddings)
     beta2: float = 0.95  # AdamW second-moment decay (beta1 is 0.9)
@@ -55,70 +54,82 @@ class TrainConfig:
     eval_every: int = 0  # steps between eval callbacks (0 = only at the end)
     ckpt_every: int = 0  # steps between checkpoints (0 = only at the end and on Ctrl-C)
     resume: bool = False  # continue from the checkpoint in --out if there is one
+    force_resume: bool = False  # with --resume: accept a checkpoint made with other optimisation/data flags
     data_dir: str = "data"  # where downloaded datasets are cached
+    # flags a script does not use (hidden from its --help and refused), and flags that may change
+    # between a checkpoint and its resume because they do not change what is computed
+    unused: ClassVar[tuple] = ()
+    resume_free: ClassVar[tuple] = ("out", "threads", "max_steps", "log_every", "eval_every", "ckpt_every",
+                                    "resume", "force_resume", "data_dir", "compile", "compile_backend")
 
     def __post_init__(self):
-        if self.compile_backend not in ("auto", "inductor", "cudagraphs", "aot_eager", "eager", "none"):
-            raise ValueError(f"--compile_backend must be auto|inductor|cudagraphs|aot_eager|eager|none")
-        if self.grad_accum < 1:
-            raise ValueError("--grad_accum must be at least 1")
-
+        checks = [(self.compile_backend in ("auto", "inductor", "cudagraphs", "aot_eager", "eager", "none"),
+                   "--compile_backend must be auto|inductor|cudagraphs|aot_eager|eager|none"),
+                  (0 <= self.seed < 2**32, "--seed must be in [0, 2^32)"),
+                  (0 <= self.beta2 < 1, "--beta2 must be in [0, 1)"), (self.lr <= 10, "--lr above 10 is not a learning rate"),
+                  (self.grad_accum >= 1 and self.log_every >= 1, "--grad_accum and --log_every must be at least 1")]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
 
 def _field_help(cls):
     """Help text for each field, read from the trailing `# comment` on its line in the source."""
     helps = {}
     for klass in reversed(cls.__mro__):  # subclasses override their parents' comments
-        if not dataclasses.is_dataclass(klass):
-            continue
-        for line in inspect.getsource(klass).splitlines():
-            m = re.match(r"\s*(\w+)\s*:[^=#]+=[^#]*#\s*(.+)$", line)
-            if m:
-                helps[m.group(1)] = m.group(2).strip().replace("%", "%%")  # argparse %-formats help
+        if dataclasses.is_dataclass(klass):
+            for line in inspect.getsource(klass).splitlines():
+                m = re.match(r"\s*(\w+)\s*:[^=#]+=[^#]*#\s*(.+)$", line)
+                if m:
+                    helps[m.group(1)] = m.group(2).strip().replace("%", "%%")  # argparse %-formats help
     return helps
 
-
 def _parse_bool(s):
-    if s.lower() in ("1", "true", "yes", "on"):
-        return True
-    if s.lower() in ("0", "false", "no", "off"):
-        return False
+    if s.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        return s.lower() in ("1", "true", "yes", "on")
     raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
-
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not the whole usage block: the user sees what is wrong
         print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
 
+def _check_out(out):
+    """--out must be a directory we can create and write, checked before any work is done."""
+    p = Path(out).absolute()
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir() or not os.access(p, os.W_OK | os.X_OK):
+        return f"--out={out}: {p} is {'not a directory' if not p.is_dir() else 'not writable'}"
+    return None
 
 def parse_config(cls, script, argv=None):
-    """Build an argparse parser from a Config dataclass, parse argv, return the Config.
-    Every bad input (unknown flag, wrong type, negative number, failed __post_init__ check) ends
-    as one argparse error line and exit code 2."""
+    """Build an argparse parser from a Config dataclass, parse argv, return the Config. Every bad
+    input (unknown or abbreviated flag, wrong type, negative or non-finite number, failed
+    __post_init__ check, unusable --out) ends as one error line and exit code 2."""
     doc = (sys.modules[cls.__module__].__doc__ or "").strip()
-    parser = _Parser(prog=f"{script}.py", description=doc.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = _Parser(prog=f"{script}.py", description=doc.split("\n\n")[0], allow_abbrev=False,
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     helps = _field_help(cls)
     for f in dataclasses.fields(cls):
+        if f.name in cls.unused:
+            continue
         kind = {"bool": bool, "int": int, "float": float, "str": str}[getattr(f.type, "__name__", f.type)]
-        kw = dict(default=f.default, help=helps.get(f.name, " "), metavar=kind.__name__.upper())
+        kw = dict(default=f.default, help=helps.get(f.name, " "), metavar=kind.__name__.upper(), type=kind)
         if kind is bool:  # `--gpu` alone means true; `--gpu=false` also works
             kw.update(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
-        else:
-            kw["type"] = kind
         parser.add_argument(f"--{f.name}", **kw)
-    args = parser.parse_args(argv)
-    for f in dataclasses.fields(cls):
-        v = getattr(args, f.name)
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and (v < 0 or v != v):
-            parser.error(f"--{f.name} must be >= 0, got {v}")
+    args = vars(parser.parse_args(argv))
+    for k, v in args.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not 0 <= v < math.inf:
+            parser.error(f"--{k} must be a finite number >= 0, got {v}")
     try:
-        cfg = cls(**vars(args))
+        cfg = cls(**args)
     except ValueError as e:
         parser.error(str(e))
     cfg.out = cfg.out or os.path.join("out", script)
+    if problem := _check_out(cfg.out):
+        parser.error(problem)
     return cfg
-
 
 def fill_auto(cfg, **defaults):
     """Resolve "auto" fields: each keyword maps a field to (CPU value, --gpu value); a field left at
@@ -127,22 +138,33 @@ def fill_auto(cfg, **defaults):
         if getattr(cfg, name) in (0, "", "auto"):
             setattr(cfg, name, gpu if cfg.gpu else cpu)
 
+class DataError(RuntimeError):
+    """A problem with the user's files, data or disk: reported as one line, never a traceback."""
 
 def die(msg, code=1):
     """One-line error for the user: no traceback."""
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(code)
 
+def cli(main):
+    """Run a script's main(): Ctrl-C anywhere (judging, scoring, sampling) and data/disk errors end
+    with one line and exit 130 / 1 instead of a traceback."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        die("interrupted", 130)
+    except (DataError, OSError) as e:
+        die(str(e))
+
 # ----------------------------------------------------------------------------------------------
 # device, precision, compile, several processes
-
-
 @dataclass
 class Ctx:
     device: torch.device
     gpu: bool
     rank: int = 0
     world: int = 1
+    lazy_guard: bool = False  # check for NaN on the device (no host sync per step): on with --gpu
 
     @property
     def master(self):  # only rank 0 writes files and shows progress
@@ -153,13 +175,38 @@ class Ctx:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()  # CPU stays fp32: bf16 is slower on most laptop CPUs
 
+def _lock(out):
+    """One run per --out: a second one refuses instead of racing for the same files."""
+    lock = Path(out) / ".lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            atexit.register(lambda: lock.unlink(missing_ok=True))
+            return
+        except FileExistsError:
+            pid = int(lock.read_text() or 0)
+            if pid == os.getpid():
+                return
+            try:
+                os.kill(pid, 0)
+            except (ProcessLookupError, ValueError):  # the run that held it is gone: take it over
+                lock.unlink(missing_ok=True)
+                continue
+            except PermissionError:
+                pass
+            die(f"another run (pid {pid}) is writing to {out}; wait for it or choose another --out", 2)
 
 def setup(cfg):
     if cfg.gpu and not torch.cuda.is_available():
         die("--gpu was given but CUDA is not available on this machine (drop --gpu to run on the CPU)")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1 and not torch.distributed.is_initialized():  # launched by torchrun
-        torch.distributed.init_process_group("nccl" if cfg.gpu else "gloo")
+    if cfg.batch_size % (cfg.grad_accum * world):
+        die(f"--batch_size={cfg.batch_size} must divide into --grad_accum={cfg.grad_accum} x {world} processes", 2)
+    if world > 1 and not dist.is_initialized():  # launched by torchrun
+        dist.init_process_group("nccl" if cfg.gpu else "gloo")
     if cfg.gpu:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
@@ -168,36 +215,52 @@ def setup(cfg):
     else:
         device = torch.device("cpu")
         torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    if rank == 0:
+        _lock(cfg.out)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    return Ctx(device, cfg.gpu, rank, world)
+    return Ctx(device, cfg.gpu, rank, world, lazy_guard=cfg.gpu)
 
+def global_mean(x, dim=None, keepdim=False):
+    """Mean over the global batch, i.e. over every process's rows under torchrun (no gradient flows
+    through the other processes' part). With one process it is exactly x.mean()."""
+    mean = x.mean() if dim is None else x.mean(dim, keepdim=keepdim)
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return mean
+    total = (mean * (x.numel() / mean.numel())).detach()  # local sum along dim
+    count = torch.tensor(float(x.numel() / mean.numel()), device=x.device)
+    dist.all_reduce(total)
+    dist.all_reduce(count)
+    return total / count
+
+COMPILES = [0]  # graphs handed to the compiler backend in this process (first compile + recompiles)
 
 def maybe_compile(model, cfg):
     """torch.compile on --gpu (or --compile). Inductor generates Triton on CUDA; without Triton we
-    use `cudagraphs`, which replays ATen kernels with no fusion but no Python overhead either."""
+    use `cudagraphs`, which replays ATen kernels with no fusion but no Python overhead either.
+    Each call starts from an empty compile cache, so runs in one process (--compare, sweeps) never
+    inherit each other's graphs or hit the recompile limit and silently fall back to eager."""
     if not (cfg.gpu or cfg.compile) or cfg.compile_backend == "none":
         return model
     backend = cfg.compile_backend
-    if backend == "auto":
-        try:
-            import triton  # noqa: F401
-            backend = "inductor"
-        except ImportError:
-            backend = "cudagraphs" if cfg.gpu else "inductor"  # CPU inductor needs only a C++ compiler
-    return torch.compile(model, backend=backend, dynamic=False)
+    if backend == "auto":  # CPU inductor needs only a C++ compiler
+        backend = "inductor" if importlib.util.find_spec("triton") or not cfg.gpu else "cudagraphs"
+    torch._dynamo.reset()
+    compiler = torch._dynamo.lookup_backend(backend)
+
+    def counted(gm, example_inputs):
+        COMPILES[0] += 1
+        return compiler(gm, example_inputs)
+    return torch.compile(model, backend=counted, dynamic=False)
 
 # ----------------------------------------------------------------------------------------------
 # the shared Transformer block
-
-
 def rope_angles(pos, head_dim, base=10000.0):
     """cos/sin tables for rotary embeddings at arbitrary positions pos: (T,) or (B, T)."""
     inv_freq = base ** (-torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
     ang = pos.float()[..., None] * inv_freq  # (..., T, hs/2)
     return ang.cos(), ang.sin()
-
 
 def apply_rope(x, cos, sin):  # x: (..., B, nh, T, hs); cos/sin: (T, hs/2) or (B, T, hs/2)
     """Rotate each pair (x[2i], x[2i+1]) by the angle pos * freq[i]."""
@@ -209,7 +272,6 @@ def apply_rope(x, cos, sin):  # x: (..., B, nh, T, hs); cos/sin: (T, hs/2) or (B
         return torch.stack([a * cos - b * sin, a * sin + b * cos], -1).flatten(-2).type_as(x)
     # eager: one complex multiply is 2.4x faster on CPU than the four real ones above
     return torch.view_as_real(torch.view_as_complex(pairs) * torch.complex(cos, sin)).flatten(-2).type_as(x)
-
 
 class Attention(nn.Module):
     def __init__(self, n_embd, n_head, causal=True, window=0):
@@ -238,7 +300,6 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)  # (B, nh, T, hs)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
-
 class MLP(nn.Module):
     def __init__(self, n_embd, ratio=4):
         super().__init__()
@@ -247,7 +308,6 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.proj(F.gelu(self.fc(x)))
-
 
 class Block(nn.Module):
     """Pre-norm Transformer block: x + attn(norm(x)), then x + mlp(norm(x)).
@@ -264,7 +324,6 @@ class Block(nn.Module):
         x = x + self.attn(self.norm1(x), cos, sin, cache, attn_mask)
         return x + self.mlp(self.norm2(x))
 
-
 def init_weights(model, n_layer):
     """GPT-2 init: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer) so the residual
     stream's variance does not grow with depth."""
@@ -272,7 +331,6 @@ def init_weights(model, n_layer):
         if p.dim() >= 2:
             std = 0.02 / math.sqrt(2 * n_layer) if name.endswith("proj.weight") else 0.02
             nn.init.normal_(p, 0.0, std)
-
 
 class TransformerLM(nn.Module):
     """Token embedding -> blocks -> norm -> untied LM head. No learned positions: RoPE only."""
@@ -299,14 +357,64 @@ class TransformerLM(nn.Module):
             x = block(x, cos, sin, caches[i] if caches is not None else None)
         return self.lm_head(self.norm(x))
 
-
 def count_params(module):
     return sum(p.numel() for p in module.parameters())
 
 # ----------------------------------------------------------------------------------------------
+# checkpoints: atomic, checksummed files
+def atomic_write(path, write):
+    """write(file) into a uniquely named temporary file beside `path`, then rename: a crash, a full
+    disk or a second writer never leaves half a file under `path`, and no temporary file stays."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    except (OSError, RuntimeError) as e:  # RuntimeError: torch.save's own writer on a full disk
+        raise DataError(f"could not write {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return path
+
+MAGIC = b"\ntrain.py checkpoint sha256 "  # + 64 hex digits: the trailer after torch.save's bytes
+
+
+class _Hashing:  # a file that also hashes what is written through it
+    def __init__(self, f):
+        self.f, self.sha = f, hashlib.sha256()
+
+    def write(self, b):
+        self.sha.update(b)
+        return self.f.write(b)
+
+    def flush(self):
+        self.f.flush()
+
+
+def atomic_save(obj, path):
+    """torch.save(obj) with a sha256 trailer, so load_checked() can tell a good file from a bad one."""
+    def write(f):
+        h = _Hashing(f)
+        torch.save(obj, h)
+        f.write(MAGIC + h.sha.hexdigest().encode())
+    return atomic_write(path, write)
+
+
+def load_checked(path):
+    """Load what atomic_save wrote, always onto the CPU (the RNG states inside must stay CPU
+    tensors; load_state_dict moves weights to the model's device). Raises DataError when the
+    file is truncated, garbled or not ours."""
+    raw = Path(path).read_bytes()
+    data, tail = raw[:-len(MAGIC) - 64], raw[-len(MAGIC) - 64:]
+    if tail[:len(MAGIC)] != MAGIC or hashlib.sha256(data).hexdigest().encode() != tail[len(MAGIC):]:
+        raise DataError(f"{path} is damaged or incomplete (checksum mismatch); delete it to start afresh")
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+
+# ----------------------------------------------------------------------------------------------
 # the training loop
-
-
 def lr_at(step, cfg):
     """Linear warm-up to cfg.lr, then cosine decay to cfg.lr * cfg.min_lr_ratio at max_steps."""
     if step < cfg.warmup:
@@ -314,66 +422,83 @@ def lr_at(step, cfg):
     frac = (step - cfg.warmup) / max(1, cfg.max_steps - cfg.warmup)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
-
 def make_optimizer(model, cfg, ctx):
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2 and "wte" not in n]
     rest = [p for n, p in model.named_parameters() if p.requires_grad and not (p.dim() >= 2 and "wte" not in n)]
     groups = [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=rest, weight_decay=0.0)]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2), fused=ctx.gpu)
+    lr = torch.tensor(cfg.lr, device=ctx.device) if ctx.lazy_guard else cfg.lr  # a tensor lr can be zeroed on device
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, cfg.beta2), fused=ctx.gpu or ctx.lazy_guard)
 
-
-def _to(batch, device, rank=0, world=1):
-    """Move a (nested) batch to the device, keeping this process's rows rank::world."""
+def slice_rows(batch, part, parts, device):
+    """Rows [part * n, (part + 1) * n) of every tensor in a (nested) batch, n = rows / parts."""
     if isinstance(batch, torch.Tensor):
-        return batch[rank::world].to(device, non_blocking=True)
+        n = len(batch) // parts
+        return batch[part * n:(part + 1) * n].to(device, non_blocking=True)
     if isinstance(batch, dict):
-        return {k: _to(v, device, rank, world) for k, v in batch.items()}
+        return {k: slice_rows(v, part, parts, device) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
-        return type(batch)(_to(v, device, rank, world) for v in batch)
+        return type(batch)(slice_rows(v, part, parts, device) for v in batch)
     return batch
 
+def _rows(batch):
+    if isinstance(batch, torch.Tensor):
+        return {len(batch)}
+    items = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else ()
+    return set().union(*map(_rows, items)) if items else set()
 
 def _rng_state():
     return dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
 
-
 def _set_rng_state(s):
-    torch.set_rng_state(s["torch"]); np.random.set_state(s["numpy"]); random.setstate(s["python"])
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
     if s["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
 
-
-def atomic_save(obj, path):
-    """Write to a temporary file beside `path`, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
+def _resume(path, raw, opt, cfg):
+    """Load a checkpoint for --resume, refusing one that belongs to another run."""
+    ck = load_checked(path)
+    now = dataclasses.asdict(cfg)
+    changed = [f"--{k} {v} -> {now.get(k)}" for k, v in ck["config"].items()
+               if k not in cfg.resume_free and now.get(k) != v]
+    shapes = {k: tuple(v.shape) for k, v in raw.state_dict().items()}
+    if {k: tuple(v.shape) for k, v in ck["model"].items()} != shapes:
+        die(f"--resume: {path} holds a model of other shapes ({', '.join(changed) or 'other code'}); "
+            "use another --out or delete it", 2)
+    if changed and not cfg.force_resume:
+        die(f"--resume: {path} was made with other flags ({', '.join(changed)}); add --force_resume to "
+            "continue it anyway, or use another --out", 2)
+    raw.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optimizer"])
+    _set_rng_state(ck["rng"])
+    return ck
 
 def train(model, get_batch, loss_fn, cfg, ctx, eval_fn=None, ckpt_path=None, desc="train", quiet=False):
     """ckpt_path=None -> cfg.out/ckpt.pt; ckpt_path=False -> no checkpoints (short inner-loop runs).
     quiet=True: a transient progress bar and no summary line (for scripts that call train() often)."""
+    parts = cfg.grad_accum * ctx.world
+    if cfg.batch_size % parts:
+        die(f"--batch_size={cfg.batch_size} must divide into --grad_accum={cfg.grad_accum} x {ctx.world} processes", 2)
     model.to(ctx.device)
     raw = model  # the uncompiled, unwrapped module: what we checkpoint and return
     opt = make_optimizer(raw, cfg, ctx)
     ckpt_path = None if ckpt_path is False else Path(ckpt_path or os.path.join(cfg.out, "ckpt.pt"))
     step, history, evals = 0, [], []
     if cfg.resume and ckpt_path and ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location=ctx.device, weights_only=False)
-        raw.load_state_dict(ck["model"]); opt.load_state_dict(ck["optimizer"])
+        try:
+            ck = _resume(ckpt_path, raw, opt, cfg)
+        except DataError as e:
+            die(f"--resume: {e}", 2)
         step, history, evals = ck["step"], ck["history"], ck["evals"]
-        _set_rng_state(ck["rng"])
         if ctx.master:
             print(f"resumed from {ckpt_path} at step {step}")
     if ctx.world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.gpu else None)
     fast = maybe_compile(model, cfg)
+    compiles = COMPILES[0]
+    bad_step = torch.full((), -1, device=ctx.device)  # first step whose loss or gradient was not finite
 
     def save():
         if ctx.master and ckpt_path:
@@ -387,29 +512,42 @@ def train(model, get_batch, loss_fn, cfg, ctx, eval_fn=None, ckpt_path=None, des
                 evals.append(dict(step=step, **eval_fn(raw, step)))
             raw.train()
 
+    def check_finite():
+        if bad_step.item() >= 0:
+            bar.close()
+            die(f"loss became nan at step {bad_step.item()}; stopping. That update was skipped and the last "
+                f"good checkpoint (if any) is kept at {ckpt_path}. Try a lower --lr.")
+
     # Ctrl-C sets a flag; the loop finishes the step it is in, saves, and exits. A second Ctrl-C
     # interrupts at once. (Only the main thread may install signal handlers.)
     stop = []
-    handler = lambda *_: (stop.append(1), signal.signal(signal.SIGINT, signal.default_int_handler))
     main_thread = threading.current_thread() is threading.main_thread()
-    old_handler = signal.signal(signal.SIGINT, handler) if main_thread else None
-
+    old_handler = signal.signal(signal.SIGINT, lambda *_: (stop.append(1), signal.signal(
+        signal.SIGINT, signal.default_int_handler))) if main_thread else None
     bar = tqdm(total=cfg.max_steps, initial=step, desc=desc, disable=not ctx.master, dynamic_ncols=True, leave=not quiet)
     t0, items, last, first_step = time.time(), 0.0, (history[-1] if history else {}), step
     try:
         raw.train()
         while step < cfg.max_steps:
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, cfg)
+            lr = lr_at(step, cfg)
+            if ctx.world > 1:  # noise drawn inside the model: different on each rank, reproducible
+                torch.manual_seed((cfg.seed * 1_000_003 + step) * 4099 + ctx.rank)
+            batch = get_batch(step)
+            if _rows(batch) != {cfg.batch_size}:
+                bar.close()
+                die(f"get_batch({step}) gave {sorted(_rows(batch))} rows; every step needs exactly "
+                    f"--batch_size={cfg.batch_size} (drop or pad partial batches)")
             for attempt in range(2):  # the second attempt only if the first compiled step failed
                 try:
                     opt.zero_grad(set_to_none=True)
+                    total = 0.0
                     for micro in range(cfg.grad_accum):
-                        batch = _to(get_batch(step * cfg.grad_accum + micro), ctx.device, ctx.rank, ctx.world)
+                        rows = slice_rows(batch, micro * ctx.world + ctx.rank, parts, ctx.device)
                         sync = micro == cfg.grad_accum - 1 or ctx.world == 1
                         with (contextlib.nullcontext() if sync else model.no_sync()), ctx.autocast():
-                            loss, metrics = loss_fn(fast, batch)
+                            loss, metrics = loss_fn(fast, rows)
                         (loss / cfg.grad_accum).backward()
+                        total = total + loss.detach() / cfg.grad_accum
                         items += float(metrics.get("items", 0))
                     break
                 except Exception as e:
@@ -418,21 +556,32 @@ def train(model, get_batch, loss_fn, cfg, ctx, eval_fn=None, ckpt_path=None, des
                     print(f"warning: compiled step failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
                           "falling back to eager", file=sys.stderr)
                     fast = model
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
-            # The NaN guard needs a GPU->CPU sync, so on GPU it runs only on steps that log or save;
-            # either way a non-finite loss is caught before anything is written to disk.
-            logs = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps
-            saves = cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0
-            if (not ctx.gpu or logs or saves or stop) and not torch.isfinite(loss.detach()):
-                bar.close()
-                die(f"loss became {loss.item()} at step {step}; stopping. The last good checkpoint "
-                    f"(if any) is kept at {ckpt_path}. Try a lower --lr.")
+            norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            ok = torch.isfinite(total) & torch.isfinite(norm)  # the norm is over all ranks' averaged gradients
+            if ctx.lazy_guard:  # no host sync: a bad step gets zero gradients and lr 0, reported below
+                bad_step.copy_(torch.where(~ok & (bad_step < 0), step, bad_step))
+                for p in raw.parameters():
+                    if p.grad is not None:
+                        p.grad.masked_fill_(~ok, 0.0)
+                for g in opt.param_groups:
+                    g["lr"].fill_(lr).mul_(ok)
+            else:
+                if not ok:
+                    bad_step.fill_(step)
+                    check_finite()
+                for g in opt.param_groups:
+                    g["lr"] = lr
             opt.step()
             step += 1
             bar.update(1)
+            logs = step % cfg.log_every == 0 or step == cfg.max_steps
+            saves = cfg.ckpt_every and step % cfg.ckpt_every == 0
+            if logs or saves or stop:
+                check_finite()  # never log, save or evaluate past a non-finite step
+            if step == first_step + 1:
+                compiles = COMPILES[0]  # the first step compiled; anything after it is a recompile
             if logs:
-                last = dict(step=step, loss=loss.item(), lr=lr_at(step - 1, cfg),
+                last = dict(step=step, loss=total.item(), lr=lr,
                             **{k: float(v) for k, v in metrics.items() if k != "items"})
                 history.append(last)
                 rate = items / max(time.time() - t0, 1e-9)
@@ -454,34 +603,29 @@ def train(model, get_batch, loss_fn, cfg, ctx, eval_fn=None, ckpt_path=None, des
     run_eval()
     save()
     seconds = time.time() - t0
-    summary = dict(history=history, evals=evals, steps=step, seconds=seconds, items_per_s=items / max(seconds, 1e-9))
+    summary = dict(history=history, evals=evals, steps=step, seconds=seconds, items_per_s=items / max(seconds, 1e-9),
+                   recompiles=COMPILES[0] - compiles)
     if ctx.master and not quiet:
         print(f"{desc}: {step} steps in {seconds:.1f}s, final loss {last.get('loss', float('nan')):.4f}"
               + (f", {summary['items_per_s']:,.0f} items/s" if items else ""))
+    if ctx.master and fast is not model and summary["recompiles"] > 0:
+        print(f"warning: {desc} recompiled {summary['recompiles']} time(s) after its first step", file=sys.stderr)
     return summary
 
 # ----------------------------------------------------------------------------------------------
 # results: results.json and figures under --out (rank 0 only)
-
-
 def device_name(ctx):
     if ctx.gpu:
         return torch.cuda.get_device_name(ctx.device)
     return f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
-
 def save_results(cfg, ctx, results, name="results.json"):
     if not ctx.master:
         return None
-    path = Path(cfg.out) / name
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = dict(config=dataclasses.asdict(cfg), torch=torch.__version__, device=device_name(ctx),
                    time=time.strftime("%Y-%m-%d %H:%M:%S"), **results)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=float))
-    os.replace(tmp, path)
-    return path
-
+    text = json.dumps(payload, indent=1, default=float).encode()
+    return atomic_write(Path(cfg.out) / name, lambda f: f.write(text))
 
 def save_figure(path, draw):
     """draw(plt) builds a figure; saved as PNG. Figures are optional: no matplotlib, no figure."""
@@ -491,19 +635,14 @@ def save_figure(path, draw):
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig = draw(plt) or plt.gcf()
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-    os.replace(tmp, path)
-    plt.close(fig)
-    return path
+    try:
+        return atomic_write(path, lambda f: fig.savefig(f, dpi=120, bbox_inches="tight", format="png"))
+    finally:
+        plt.close(fig)
 
 # ----------------------------------------------------------------------------------------------
-# data: offline corpora, a checked downloader, a tokenizer
-
-
+# data: offline corpora and a checked downloader
 def embedded_text(kind="prose", split="train"):
     """Text that ships with Python itself, so default runs need no network.
     prose: the English help topics of pydoc_data (~460 KB); code: the standard library's .py
@@ -525,35 +664,28 @@ def embedded_text(kind="prose", split="train"):
     keep = [text for name, text in docs if (zlib.crc32(name.encode()) % 10 == 0) == (split == "val")]
     return "\n\n".join(keep).encode("utf-8")
 
-
-class DataError(RuntimeError):
-    pass
-
-
 DATASETS = {  # name -> where it lives and how to recognise a good copy
     "tinyshakespeare": dict(url="https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
-                            file="tinyshakespeare.txt", size=1115394),
-    "enwik8": dict(url="http://mattmahoney.net/dc/enwik8.zip", file="enwik8.zip", size=36445475),
+                            file="tinyshakespeare.txt", size=1115394,
+                            sha256="86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"),
+    "enwik8": dict(url="http://mattmahoney.net/dc/enwik8.zip", file="enwik8.zip", size=36445475,
+                   sha256="547994d9980ebed1288380d652999f38a14fe291a6247c157c3d33d4932534bc"),
 }
-
 
 def _check(path, size, sha256):
     if size is not None and path.stat().st_size != size:
         return f"size {path.stat().st_size} bytes, expected {size}"
-    if sha256 is not None:
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        if digest != sha256:
-            return f"sha256 {digest[:16]}..., expected {sha256[:16]}..."
+    if sha256 is not None and (digest := hashlib.sha256(path.read_bytes()).hexdigest()) != sha256:
+        return f"sha256 {digest[:16]}..., expected {sha256[:16]}..."
     return None
 
-
 def download_url(url, dest, size=None, sha256=None):
-    """Fetch url to dest once (cached), verify size/sha256, write via a .part file + rename."""
+    """Fetch url to dest once (cached), verify size/sha256, write via a temporary file + rename."""
     dest = Path(dest)
     if dest.exists() and _check(dest, size, sha256) is None:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
     try:
         with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
             with tqdm(total=int(r.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
@@ -561,8 +693,7 @@ def download_url(url, dest, size=None, sha256=None):
                 while chunk := r.read(1 << 20):
                     f.write(chunk)
                     bar.update(len(chunk))
-        problem = _check(tmp, size, sha256)
-        if problem:
+        if problem := _check(tmp, size, sha256):
             raise DataError(f"{url} gave a bad file ({problem}); nothing was kept. Download it by hand "
                             f"and place it at {dest}")
         os.replace(tmp, dest)
@@ -573,161 +704,94 @@ def download_url(url, dest, size=None, sha256=None):
         tmp.unlink(missing_ok=True)
     return dest
 
-
 def download(name, data_dir="data"):
     """A named real dataset as raw bytes on disk (enwik8: the 10^8-byte unzipped file)."""
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
     d = DATASETS[name]
-    path = download_url(d["url"], Path(data_dir) / d["file"], d.get("size"), d.get("sha256"))
+    path = download_url(d["url"], Path(data_dir) / d["file"], d["size"], d["sha256"])
     if name == "enwik8":
         out = Path(data_dir) / "enwik8"
         if not (out.exists() and out.stat().st_size == 10**8):
-            with zipfile.ZipFile(path) as z:
-                tmp = out.with_name("enwik8.part")
-                tmp.write_bytes(z.read("enwik8"))
-                os.replace(tmp, out)
+            try:
+                with zipfile.ZipFile(path) as z:
+                    data = z.read("enwik8")
+            except (zipfile.BadZipFile, KeyError) as e:
+                raise DataError(f"{path} is not a good enwik8.zip ({e}); delete it and download again") from None
+            atomic_write(out, lambda f: f.write(data))
         path = out
     return path
 
-
-# GPT-2's pre-tokenizer split, restricted to ASCII classes so Python's `re` can run it in training
-# and tiktoken's Rust regex agrees with it when encoding: words, numbers, punctuation, spaces.
-SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+"""
-
-
-def train_bpe(text, vocab_size):
-    """Byte-level BPE: start from the 256 bytes, repeatedly merge the most frequent adjacent pair.
-    Words (pre-tokenized chunks) are counted once with their frequency, and pair counts are
-    updated only for the words a merge touches, so this takes seconds, not minutes."""
-    words = collections.Counter(re.findall(SPLIT_PATTERN, text.decode("utf-8", errors="replace")))
-    seqs = [[bytes([b]) for b in w.encode("utf-8")] for w in words]
-    freq = list(words.values())
-    pairs, where = collections.Counter(), collections.defaultdict(set)
-    for wi, seq in enumerate(seqs):
-        for pair in zip(seq, seq[1:]):
-            pairs[pair] += freq[wi]
-            where[pair].add(wi)
-    heap = [(-n, pair) for pair, n in pairs.items()]
-    import heapq
-    heapq.heapify(heap)
-    ranks = {bytes([i]): i for i in range(256)}
-    while len(ranks) < vocab_size and heap:
-        n, pair = heapq.heappop(heap)
-        if -n != pairs.get(pair, 0) or n == 0:  # stale heap entry: this pair's count changed since
-            continue
-        merged = pair[0] + pair[1]
-        if merged not in ranks:
-            ranks[merged] = len(ranks)
-        for wi in list(where[pair]):
-            old, new, i = seqs[wi], [], 0
-            while i < len(old):
-                if i + 1 < len(old) and (old[i], old[i + 1]) == pair:
-                    new.append(merged); i += 2
-                else:
-                    new.append(old[i]); i += 1
-            for p in zip(old, old[1:]):
-                pairs[p] -= freq[wi]; where[p].discard(wi)
-            for p in zip(new, new[1:]):
-                pairs[p] += freq[wi]; where[p].add(wi)
-            for p in set(zip(old, old[1:])) | set(zip(new, new[1:])):
-                if pairs[p] > 0:
-                    heapq.heappush(heap, (-pairs[p], p))
-            seqs[wi] = new
-    return ranks
-
-
-def get_tokenizer(kind="gpt2", text=b"", vocab_size=512, cache_dir="out/tokenizer"):
-    """tiktoken's GPT-2 encoding when it can be fetched; otherwise (or with kind="bpe") a byte-level
-    BPE trained on `text`, wrapped in tiktoken.Encoding and cached as `base64(token) rank` lines."""
-    import tiktoken
-    if kind == "gpt2":
-        try:
-            return tiktoken.get_encoding("gpt2")
-        except Exception as e:
-            print(f"note: GPT-2 BPE unavailable ({type(e).__name__}, offline?); training a {vocab_size}-token "
-                  "BPE on the training text instead", file=sys.stderr)
-    elif kind != "bpe":
-        raise ValueError(f"unknown tokenizer {kind!r} (gpt2 or bpe)")
-    path = Path(cache_dir) / f"bpe{vocab_size}-{hashlib.sha1(text).hexdigest()[:12]}.tiktoken"
-    if path.exists():
-        ranks = {base64.b64decode(tok): int(r) for tok, r in (l.split() for l in path.read_text().splitlines())}
-    else:
-        ranks = train_bpe(text, vocab_size)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
-        os.replace(tmp, path)
-    return tiktoken.Encoding(f"bpe{vocab_size}", pat_str=SPLIT_PATTERN, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": len(ranks)})
-
 # ----------------------------------------------------------------------------------------------
 # benchmark: `python train.py --bench [--gpu]`
-
-
 @dataclass
 class BenchConfig(TrainConfig):
     bench: bool = False  # run the throughput benchmark (the only thing `python train.py` does)
     size: str = "auto"  # auto (small on CPU, gpt2 on --gpu) | small (nanoGPT shakespeare-char: 6L/6H/384, T 256, vocab 65) | gpt2 (12L/12H/768, T 1024, vocab 50304)
     batch_size: int = 0  # sequences per step (0 = 12 for small, 16 for gpt2)
-    max_steps: int = 12  # timed steps (after 3 untimed warm-up steps)
-    reference: str = ""  # path to nanoGPT's model.py: also time its GPT, same config and loop, for comparison
+    max_steps: int = 10  # timed steps per round (after 3 untimed warm-up steps)
+    rounds: int = 3  # timed rounds, alternating the models so that a busy machine slows both alike
+    reference: str = ""  # path to nanoGPT's model.py: also time its GPT, trained with its own loss
+    unused = ("out", "min_lr_ratio", "warmup", "grad_accum", "grad_clip", "log_every", "eval_every", "ckpt_every",
+              "resume", "force_resume", "data_dir")
 
 
 PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
                    "4090": 165.2e12}  # dense bf16 tensor-core peaks from the vendors' data sheets
-
 
 def bench(cfg):
     ctx = setup(cfg)
     size = cfg.size if cfg.size != "auto" else ("gpt2" if cfg.gpu else "small")
     L, H, C, T, V, B = dict(small=(6, 6, 384, 256, 65, 12), gpt2=(12, 12, 768, 1024, 50304, 16))[size]
     B = cfg.batch_size or B
-    models = {"train.py TransformerLM": lambda: TransformerLM(V, L, H, C)}
-    if cfg.reference:  # nanoGPT's GPT, bias off and dropout 0 like ours, imported from a file the user has
-        import importlib.util
+    x = torch.randint(0, V, (B, T + 1), device=ctx.device)
+    runs = {"train.py TransformerLM": (TransformerLM(V, L, H, C), lambda m: F.cross_entropy(
+        m(x[:, :-1]).float().view(-1, V), x[:, 1:].reshape(-1)))}
+    if cfg.reference:  # nanoGPT's GPT (bias off, dropout 0 like ours) from a file the user has; its own loss
         spec = importlib.util.spec_from_file_location("nanogpt_model", cfg.reference)
-        ng = importlib.util.module_from_spec(spec); spec.loader.exec_module(ng)
-        models["nanoGPT GPT"] = lambda: ng.GPT(ng.GPTConfig(block_size=T, vocab_size=V, n_layer=L, n_head=H,
-                                                            n_embd=C, dropout=0.0, bias=False))
+        ng = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(ng)
+        runs["nanoGPT GPT"] = (ng.GPT(ng.GPTConfig(block_size=T, vocab_size=V, n_layer=L, n_head=H, n_embd=C,
+                                                   dropout=0.0, bias=False)), lambda m: m(x[:, :-1], x[:, 1:])[1])
     print(f"bench {size}: {L}L/{H}H/{C}, T={T}, vocab={V}, batch={B} on {device_name(ctx)}")
-    for name, build in models.items():
-        torch.manual_seed(0)
-        model = build().to(ctx.device)
+    steps, speed = {}, {name: [] for name in runs}
+    for name, (model, loss_of) in runs.items():
+        model.to(ctx.device)
         opt, fast = make_optimizer(model, cfg, ctx), maybe_compile(model, cfg)
-        x = torch.randint(0, V, (B, T + 1), device=ctx.device)
 
-        def step():
+        def step(fast=fast, opt=opt, loss_of=loss_of):
             with ctx.autocast():
-                out = fast(x[:, :-1])
-                logits = out[0] if isinstance(out, tuple) else out  # nanoGPT returns (logits, loss)
-                loss = F.cross_entropy(logits.float().view(-1, V), x[:, 1:].reshape(-1))
+                loss = loss_of(fast)
             loss.backward()
-            opt.step(); opt.zero_grad(set_to_none=True)
-
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        steps[name] = step
         for _ in range(3):  # warm-up: compilation, allocator, caches
             step()
-        if ctx.gpu:
-            torch.cuda.synchronize()
-        t0 = time.time()
-        for _ in tqdm(range(cfg.max_steps), desc=name, leave=False):
-            step()
-        if ctx.gpu:
-            torch.cuda.synchronize()
-        tok_s = B * T * cfg.max_steps / (time.time() - t0)
-        # FLOPs per token (PaLM appendix B, as nanoGPT): 6 per matmul weight + attention's 12*L*H*Q*T
-        n = count_params(model) - V * C * (1 if name.startswith("nanoGPT") else 1)  # minus the embedding lookup
-        flops = 6 * n + 12 * L * H * (C // H) * T
-        line = f"{name:24s} {count_params(model) / 1e6:7.2f}M params  {tok_s:12,.0f} tokens/s"
-        if ctx.gpu:
-            gpu = torch.cuda.get_device_name(ctx.device)
-            peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in gpu), None)
-            line += f"  {flops * tok_s / 1e12:7.1f} TFLOP/s" + (f"  MFU {flops * tok_s / peak:.1%}" if peak else "")
-        print(line)
-
+    for _ in range(cfg.rounds):
+        for name, step in steps.items():
+            torch.cuda.synchronize() if ctx.gpu else None
+            t0 = time.time()
+            for _ in range(cfg.max_steps):
+                step()
+            torch.cuda.synchronize() if ctx.gpu else None
+            speed[name].append(B * T * cfg.max_steps / (time.time() - t0))
+    for name, (model, _) in runs.items():
+        # FLOPs per token (PaLM appendix B, as nanoGPT): 6 per weight of every matmul (each nn.Linear,
+        # the LM head too, tied or not; not the embedding lookups) + attention's 12 * L * H * Q * T
+        n = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+        tflops = (6 * n + 12 * L * C * T) * np.mean(speed[name]) / 1e12
+        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if ctx.gpu and k in device_name(ctx)), None)
+        print(f"{name:24s} {count_params(model) / 1e6:6.2f}M params {np.mean(speed[name]):11,.0f} tokens/s "
+              f"(rounds {min(speed[name]):,.0f}-{max(speed[name]):,.0f})  {tflops:6.2f} TFLOP/s"
+              + (f"  MFU {tflops * 1e12 / peak:.1%}" if peak else "")
+              + (f"  peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if ctx.gpu else ""))
+    if len(speed) == 2:
+        ratio = [a / b for a, b in zip(*speed.values())]
+        print(f"ours / nanoGPT tokens/s: {np.mean(ratio):.3f} (rounds {min(ratio):.3f}-{max(ratio):.3f})")
 
 if __name__ == "__main__":
     bench_cfg = parse_config(BenchConfig, "train")
     if not bench_cfg.bench:
         die("train.py is the shared engine; as a script it only runs `--bench` (see --help)", 2)
-    bench(bench_cfg)
+    cli(lambda: bench(bench_cfg))
