@@ -177,8 +177,9 @@ def straight_through_one(c):
 
 def ratio_loss(b, p, N):
     """H-Net's rate regulariser: N/(N-1) ((N-1) F G + (1-F)(1-G)), F = fraction of boundaries (no
-    gradient), G = mean routing probability. Minimal (= 1) when F = G = 1/N."""
-    Fr, G = b.float().mean(), p.float().mean()
+    gradient; over the global batch), G = mean routing probability. Minimal (= 1) when F = G = 1/N.
+    The loss is linear in G, so each process's own G averages to the global one under DDP."""
+    Fr, G = global_mean(b.float()), p.float().mean()
     return N / (N - 1) * ((N - 1) * Fr * G + (1 - Fr) * (1 - G))
 
 
