@@ -3,7 +3,7 @@ test_all.py: fast invariant tests for train.py and the four paper scripts (pytes
 Tiny models, fixed seeds; the whole file runs in well under a minute on 2 CPU cores.
 Anything slower is marked `@slow` and skipped by default (RUN_SLOW=1 python -m pytest test_all.py).
 """
-import dataclasses, json, os, signal, subprocess, sys
+import dataclasses, json, os, signal, subprocess, sys, warnings
 from pathlib import Path
 
 import numpy as np
@@ -1280,8 +1280,9 @@ def script_case(name, out, gpu=False, B=4):
         kind = name.split(":")[1]
         small = {} if gpu else dict(n_layer=1, n_head=2, seq_len=8)
         cfg = dva.Config(**common, **small)
-        V, L, d = 11, cfg.seq_len, 768 if gpu else 16
-        x = torch.randint(0, V, (B, L), generator=g)
+        # --gpu: GPT-2's 50257 tokens, and MASK/BOS as id V, so the head has 50304 = 64 x 786 rows
+        V, L, d = (50303, cfg.seq_len, 768) if gpu else (11, cfg.seq_len, 16)
+        x = torch.randint(0, min(V, 50257), (B, L), generator=g)
         batch = x if kind == "ar" else dict(x=x, t=torch.rand(B, generator=g) * 0.9 + 0.1, u=torch.rand(B, L, generator=g))
         return cfg, dva.build(kind, cfg, V, d), batch, dva.loss_fn_for(kind, V, cfg.eps)
     if name.startswith("fisher"):
@@ -1379,3 +1380,84 @@ def test_scripts_help_lists_only_flags_they_use(script, cls, capsys):
         parse_config(config, script, ["--data_d=/x"])
     assert e.value.code == 2
 
+
+
+# ----------------------------------------------------------------------------------------------
+# caches: validated on load, rebuilt when damaged
+
+
+def test_hnet_rl_bpe_round_trips_and_rebuilds_a_damaged_cache(tmp_path):
+    text = train.embedded_text("prose", "val")[:20_000]
+    enc = hr.bpe_tokenizer(text, 400, tmp_path)
+    assert enc.n_vocab == 401
+    for s in ["The quick brown fox's 123 jumps!\n\n  done", "naïve café ✓ — emoji 🙂", text[-500:].decode()]:
+        assert enc.decode(enc.encode_ordinary(s)) == s
+    assert len(enc.encode_ordinary(text.decode())) < 0.6 * len(text)  # 144 merges already halve it, nearly
+    ids = enc.encode_ordinary(text.decode())
+    (cache,) = tmp_path.iterdir()
+    good = cache.read_bytes()
+    for damaged in [good[: len(good) // 2], good.replace(b" 300\n", b" x\n"), b"\xff" * 100]:
+        cache.write_bytes(damaged)  # truncated, garbled, binary: each is rebuilt, not trusted
+        assert hr.bpe_tokenizer(text, 400, tmp_path).encode_ordinary(text.decode()) == ids
+        assert cache.read_bytes() == good
+
+
+def test_fisher_damaged_shapes_cache_is_rebuilt(tmp_path, capsys):
+    cfg = fo.Config(out=str(tmp_path), n_train=20, n_test=20, n_ood=10)
+    sets = fo.load_data(cfg)
+    (cache,) = (tmp_path / "data").iterdir()
+    good = cache.read_bytes()
+    for damaged in [good[: len(good) // 2], good[:5000] + b"\xff" * 20_000 + good[25_000:]]:
+        cache.write_bytes(damaged)
+        again = fo.load_data(cfg)
+        assert all(torch.equal(again[k], v) for k, v in sets.items()) and "generating it again" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "data").iterdir()] == [cache.name]  # no temporary file beside it
+
+
+def test_subliminal_damaged_base_cache_is_trained_again(tmp_path, capsys):
+    cfg = sd.Config(out=str(tmp_path), n_layer=1, n_head=2, n_embd=16, pretrain_steps=3, pretrain_batch=4)
+    ctx = train.setup(cfg)
+    base, info = sd.pretrain_base(cfg, ctx, 0)
+    assert not info["cached"]
+    (path,) = (tmp_path / "base").glob("*.pt")
+    assert sd.pretrain_base(cfg, ctx, 0)[1]["cached"]
+    path.write_bytes(path.read_bytes()[:-10])
+    again, info = sd.pretrain_base(cfg, ctx, 0)
+    assert not info["cached"] and "pretraining it again" in capsys.readouterr().err
+    assert all(torch.equal(a, b) for a, b in zip(base.parameters(), again.parameters()))
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: `python -m pytest test_all.py -m gpu` on a CUDA machine (skipped here). Each script's --gpu
+# model and batch (micro-batched as its --gpu default says) for a few steps through the real path:
+# CUDA, bf16 autocast, fused AdamW, torch.compile, the device-side NaN guard.
+
+warnings.filterwarnings("ignore", category=pytest.PytestUnknownMarkWarning)  # no pytest.ini on the design card
+on_gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@pytest.mark.parametrize("name", CASES)
+@on_gpu[0]
+@on_gpu[1]
+def test_gpu_script_step_is_finite_compiles_once_and_fits(name, tmp_path):
+    torch.cuda.reset_peak_memory_stats()
+    B = dict(hnet=128, dva=12, fisher=128, subliminal=32)[name.split(":")[0]]  # each script's --gpu batch
+    cfg, model, batch, loss_fn = script_case(name, tmp_path, gpu=True, B=B)
+    # hnet_rl's chunk count changes every step, so compiling it would recompile every step (its issue)
+    over = dict(compile_backend="none") if name.startswith("hnet") else {}
+    cfg = dataclasses.replace(cfg, max_steps=8, log_every=1, **over)
+    out = train.train(model, lambda i: batch, loss_fn, cfg, train.setup(cfg), ckpt_path=False, quiet=True)
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    print(f"\n{name}: batch {cfg.batch_size} in {cfg.grad_accum} micro-steps, {out['items_per_s']:,.0f} items/s, "
+          f"{out['seconds'] / cfg.max_steps:.2f} s/step, recompiles {out['recompiles']}, peak memory {peak:.1f} GiB")
+    assert all(math.isfinite(h["loss"]) for h in out["history"])
+    assert out["recompiles"] == 0 and peak < 80
+
+
+@on_gpu[0]
+@on_gpu[1]
+def test_gpu_trunk_bench_prints_mfu():
+    p = subprocess.run([sys.executable, "train.py", "--bench", "--gpu", "--rounds=2"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+    print(p.stdout)
+    assert p.returncode == 0 and "MFU" in p.stdout and "peak memory" in p.stdout

@@ -604,10 +604,11 @@ def train(model, get_batch, loss_fn, cfg, ctx, eval_fn=None, ckpt_path=None, des
     save()
     seconds = time.time() - t0
     summary = dict(history=history, evals=evals, steps=step, seconds=seconds, items_per_s=items / max(seconds, 1e-9),
-                   recompiles=COMPILES[0] - compiles)
+                   recompiles=COMPILES[0] - compiles, peak_gib=torch.cuda.max_memory_allocated() / 2**30 if ctx.gpu else 0)
     if ctx.master and not quiet:
         print(f"{desc}: {step} steps in {seconds:.1f}s, final loss {last.get('loss', float('nan')):.4f}"
-              + (f", {summary['items_per_s']:,.0f} items/s" if items else ""))
+              + (f", {summary['items_per_s']:,.0f} items/s" if items else "")
+              + (f", peak GPU memory {summary['peak_gib']:.1f} GiB" if ctx.gpu else ""))
     if ctx.master and fast is not model and summary["recompiles"] > 0:
         print(f"warning: {desc} recompiled {summary['recompiles']} time(s) after its first step", file=sys.stderr)
     return summary
