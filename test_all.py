@@ -1461,3 +1461,31 @@ def test_gpu_trunk_bench_prints_mfu():
                        text=True, timeout=600)
     print(p.stdout)
     assert p.returncode == 0 and "MFU" in p.stdout and "peak memory" in p.stdout
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_gpu_defaults_fit_one_80gb_gpu_by_fake_tensor_estimate(name, tmp_path, monkeypatch):
+    # Each script's --gpu model and one micro-batch (its --gpu batch / --grad_accum rows) under
+    # FakeTensorMode: nothing is allocated. Memory = 16 bytes per parameter (fp32 weights, gradients,
+    # AdamW's two moments) + what autograd saves for backward (bf16 autocast on the CPU stands in for
+    # CUDA's). hnet_rl's chunk count is data-dependent, so it is fixed at the rate-0.2 maximum.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.multiprocessing.reductions import StorageWeakRef
+    B = dict(hnet=128, dva=12, fisher=128, subliminal=32)[name.split(":")[0]]
+    if name.startswith("hnet"):
+        monkeypatch.setattr(hr, "chunk_index", lambda b: torch.arange(896).expand(b.shape[0], 896).contiguous())
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        cfg, model, batch, loss_fn = script_case(name, tmp_path, gpu=True, B=B)
+        rows = train.slice_rows(batch, 0, cfg.grad_accum, "cpu")
+        own = {StorageWeakRef(t.untyped_storage()) for t in [*model.parameters(), *model.buffers()]}
+        saved = {}
+
+        def pack(t):
+            if (key := StorageWeakRef(t.untyped_storage())) not in own:
+                saved[key] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+            loss_fn(model, rows)
+    gib = (16 * train.count_params(model) + sum(saved.values())) / 2**30
+    print(f"{name}: {B // cfg.grad_accum} rows per forward, {train.count_params(model) / 1e6:.1f}M params, ~{gib:.1f} GiB")
+    assert gib < 60  # room for the CUDA context, backward's transients and fragmentation
