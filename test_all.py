@@ -306,7 +306,7 @@ def test_train_damaged_checkpoint_is_refused_in_one_line(tmp_path, capsys, damag
     with pytest.raises(SystemExit) as e:
         train.train(model2, get_batch, loss_fn, cfg2, ctx)
     err = capsys.readouterr().err
-    assert e.value.code == 2 and "damaged or incomplete" in err and err.count("\n") == 1
+    assert e.value.code == 2 and "damaged, incomplete" in err and err.count("\n") == 1
 
 
 def test_train_full_disk_names_the_file_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):

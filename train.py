@@ -410,7 +410,7 @@ def load_checked(path):
     raw = Path(path).read_bytes()
     data, tail = raw[:-len(MAGIC) - 64], raw[-len(MAGIC) - 64:]
     if tail[:len(MAGIC)] != MAGIC or hashlib.sha256(data).hexdigest().encode() != tail[len(MAGIC):]:
-        raise DataError(f"{path} is damaged or incomplete (checksum mismatch); delete it to start afresh")
+        raise DataError(f"{path} is damaged, incomplete or from an older train.py (checksum mismatch); delete it to start afresh")
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
 
 # ----------------------------------------------------------------------------------------------
