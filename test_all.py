@@ -41,7 +41,9 @@ def test_train_config_parses_typed_values():
 
 
 @pytest.mark.parametrize("argv", [["--lr=-1"], ["--nope=1"], ["--max_steps=1.5"], ["--gpu=maybe"],
-                                  ["--compile_backend=magic"], ["--grad_accum=0"], ["--lr=nan"]])
+                                  ["--compile_backend=magic"], ["--grad_accum=0"], ["--lr=nan"], ["--lr=inf"],
+                                  ["--lr=1e300"], ["--seed=4294967296"], ["--beta2=1"], ["--log_every=0"],
+                                  ["--max_step=3"], ["--nam=x"], [f"--out={ROOT / 'README.md'}"], [f"--out={ROOT / 'README.md' / 'sub'}"]])
 def test_train_config_rejects_bad_values(argv, capsys):
     with pytest.raises(SystemExit) as e:
         parse_config(ToyConfig, "toy", argv)

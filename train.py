@@ -262,10 +262,8 @@ def rope_angles(pos, head_dim, base=10000.0):
     ang = pos.float()[..., None] * inv_freq  # (..., T, hs/2)
     return ang.cos(), ang.sin()
 
-def apply_rope(x, cos, sin):  # x: (..., B, nh, T, hs); cos/sin: (T, hs/2) or (B, T, hs/2)
+def apply_rope(x, cos, sin):  # x: (..., hs); cos/sin: broadcastable to (..., hs/2)
     """Rotate each pair (x[2i], x[2i+1]) by the angle pos * freq[i]."""
-    if cos.dim() == 3:
-        cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
     pairs = x.float().unflatten(-1, (-1, 2))  # (..., hs/2, 2)
     if torch.compiler.is_compiling():  # real arithmetic: what inductor fuses best
         a, b = pairs.unbind(-1)
@@ -283,8 +281,11 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, cache=None, attn_mask=None):
         B, T, C = x.shape
-        qkv = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
-        (q, k), v = apply_rope(qkv[:2], cos, sin), qkv[2]  # one rotation call for q and k together
+        q, k, v = self.qkv(x).view(B, T, 3 * self.n_head, C // self.n_head).split(self.n_head, 2)  # (B, T, nh, hs)
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # (T, 1, hs/2) or (B, T, 1, hs/2): same angle in every head
+        # rotate in the (B, T, nh, hs) layout the projection wrote: then no backward step needs a copy
+        q, k = apply_rope(q, cos, sin).transpose(1, 2), apply_rope(k, cos, sin).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.transpose(1, 2)
         past = 0
         if cache is not None:  # KV cache for generation: append this call's keys and values
             if "k" in cache:
@@ -730,8 +731,8 @@ class BenchConfig(TrainConfig):
     bench: bool = False  # run the throughput benchmark (the only thing `python train.py` does)
     size: str = "auto"  # auto (small on CPU, gpt2 on --gpu) | small (nanoGPT shakespeare-char: 6L/6H/384, T 256, vocab 65) | gpt2 (12L/12H/768, T 1024, vocab 50304)
     batch_size: int = 0  # sequences per step (0 = 12 for small, 16 for gpt2)
-    max_steps: int = 10  # timed steps per round (after 3 untimed warm-up steps)
-    rounds: int = 3  # timed rounds, alternating the models so that a busy machine slows both alike
+    max_steps: int = 3  # timed steps per model per round (after 3 untimed warm-up steps)
+    rounds: int = 12  # timed rounds, the models' order alternating (A B, B A, ...) so that load hits both alike
     reference: str = ""  # path to nanoGPT's model.py: also time its GPT, trained with its own loss
     unused = ("out", "min_lr_ratio", "warmup", "grad_accum", "grad_clip", "log_every", "eval_every", "ckpt_every",
               "resume", "force_resume", "data_dir")
@@ -769,27 +770,28 @@ def bench(cfg):
         steps[name] = step
         for _ in range(3):  # warm-up: compilation, allocator, caches
             step()
-    for _ in range(cfg.rounds):
-        for name, step in steps.items():
+    for r in range(cfg.rounds):
+        for name in list(steps)[::-1 if r % 2 else 1]:
             torch.cuda.synchronize() if ctx.gpu else None
-            t0 = time.time()
+            t0 = time.perf_counter()
             for _ in range(cfg.max_steps):
-                step()
+                steps[name]()
             torch.cuda.synchronize() if ctx.gpu else None
-            speed[name].append(B * T * cfg.max_steps / (time.time() - t0))
+            speed[name].append(B * T * cfg.max_steps / (time.perf_counter() - t0))
     for name, (model, _) in runs.items():
         # FLOPs per token (PaLM appendix B, as nanoGPT): 6 per weight of every matmul (each nn.Linear,
         # the LM head too, tied or not; not the embedding lookups) + attention's 12 * L * H * Q * T
         n = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
-        tflops = (6 * n + 12 * L * C * T) * np.mean(speed[name]) / 1e12
+        tflops = (6 * n + 12 * L * C * T) * np.median(speed[name]) / 1e12
         peak = next((v for k, v in PEAK_BF16_FLOPS.items() if ctx.gpu and k in device_name(ctx)), None)
-        print(f"{name:24s} {count_params(model) / 1e6:6.2f}M params {np.mean(speed[name]):11,.0f} tokens/s "
+        print(f"{name:24s} {count_params(model) / 1e6:6.2f}M params {np.median(speed[name]):11,.0f} tokens/s "
               f"(rounds {min(speed[name]):,.0f}-{max(speed[name]):,.0f})  {tflops:6.2f} TFLOP/s"
               + (f"  MFU {tflops * 1e12 / peak:.1%}" if peak else "")
               + (f"  peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if ctx.gpu else ""))
     if len(speed) == 2:
-        ratio = [a / b for a, b in zip(*speed.values())]
-        print(f"ours / nanoGPT tokens/s: {np.mean(ratio):.3f} (rounds {min(ratio):.3f}-{max(ratio):.3f})")
+        ratio = [a / b for a, b in zip(*speed.values())]  # per round: both timed moments apart
+        print(f"ours / nanoGPT tokens/s: median {np.median(ratio):.3f} over {len(ratio)} rounds "
+              f"(quartiles {np.percentile(ratio, 25):.3f}-{np.percentile(ratio, 75):.3f})")
 
 if __name__ == "__main__":
     bench_cfg = parse_config(BenchConfig, "train")
