@@ -445,6 +445,24 @@ def test_train_quiet_run_without_checkpoint_writes_nothing(tmp_path, capsys):
     assert [p.name for p in (tmp_path / "q").iterdir()] == [".lock"] and "steps in" not in capsys.readouterr().out
 
 
+def test_train_bench_times_a_nanogpt_style_reference_with_its_own_loss(tmp_path, capsys):
+    # upstream nanoGPT's forward without targets returns only the last position's logits
+    (tmp_path / "model.py").write_text(
+        "import torch.nn.functional as F\nfrom dataclasses import dataclass\nimport train\n"
+        "@dataclass\nclass GPTConfig:\n    block_size: int\n    vocab_size: int\n    n_layer: int\n"
+        "    n_head: int\n    n_embd: int\n    dropout: float\n    bias: bool\n"
+        "class GPT(train.TransformerLM):\n    def __init__(self, c):\n"
+        "        super().__init__(c.vocab_size, c.n_layer, c.n_head, c.n_embd)\n"
+        "    def forward(self, idx, targets=None):\n        logits = super().forward(idx)\n"
+        "        if targets is None:\n            return logits[:, -1:], None\n"
+        "        return logits, F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.view(-1))\n")
+    cfg = parse_config(train.BenchConfig, "train", ["--bench", "--size=tiny", "--rounds=2", "--max_steps=1",
+                                                     f"--reference={tmp_path / 'model.py'}"])
+    train.bench(dataclasses.replace(cfg, out=str(tmp_path)))
+    out = capsys.readouterr().out
+    assert "nanoGPT GPT" in out and "ours / nanoGPT tokens/s: median" in out
+
+
 def test_train_ctrl_c_outside_the_loop_is_one_line():
     code = "import train, time\ndef main():\n    raise KeyboardInterrupt\ntrain.cli(main)"
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)

@@ -729,7 +729,7 @@ def download(name, data_dir="data"):
 @dataclass
 class BenchConfig(TrainConfig):
     bench: bool = False  # run the throughput benchmark (the only thing `python train.py` does)
-    size: str = "auto"  # auto (small on CPU, gpt2 on --gpu) | small (nanoGPT shakespeare-char: 6L/6H/384, T 256, vocab 65) | gpt2 (12L/12H/768, T 1024, vocab 50304)
+    size: str = "auto"  # auto (small on CPU, gpt2 on --gpu) | small (nanoGPT shakespeare-char: 6L/6H/384, T 256, vocab 65) | gpt2 (12L/12H/768, T 1024, vocab 50304) | tiny (tests)
     batch_size: int = 0  # sequences per step (0 = 12 for small, 16 for gpt2)
     max_steps: int = 3  # timed steps per model per round (after 3 untimed warm-up steps)
     rounds: int = 12  # timed rounds, the models' order alternating (A B, B A, ...) so that load hits both alike
@@ -744,17 +744,19 @@ PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H20
 def bench(cfg):
     ctx = setup(cfg)
     size = cfg.size if cfg.size != "auto" else ("gpt2" if cfg.gpu else "small")
-    L, H, C, T, V, B = dict(small=(6, 6, 384, 256, 65, 12), gpt2=(12, 12, 768, 1024, 50304, 16))[size]
+    L, H, C, T, V, B = dict(tiny=(1, 2, 16, 16, 65, 2), small=(6, 6, 384, 256, 65, 12),
+                            gpt2=(12, 12, 768, 1024, 50304, 16))[size]
     B = cfg.batch_size or B
     x = torch.randint(0, V, (B, T + 1), device=ctx.device)
+    inp, tgt = x[:, :-1], x[:, 1:].contiguous()
     runs = {"train.py TransformerLM": (TransformerLM(V, L, H, C), lambda m: F.cross_entropy(
-        m(x[:, :-1]).float().view(-1, V), x[:, 1:].reshape(-1)))}
+        m(inp).float().view(-1, V), tgt.view(-1)))}
     if cfg.reference:  # nanoGPT's GPT (bias off, dropout 0 like ours) from a file the user has; its own loss
         spec = importlib.util.spec_from_file_location("nanogpt_model", cfg.reference)
         ng = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(ng)
         runs["nanoGPT GPT"] = (ng.GPT(ng.GPTConfig(block_size=T, vocab_size=V, n_layer=L, n_head=H, n_embd=C,
-                                                   dropout=0.0, bias=False)), lambda m: m(x[:, :-1], x[:, 1:])[1])
+                                                   dropout=0.0, bias=False)), lambda m: m(inp, tgt)[1])  # all T logits
     print(f"bench {size}: {L}L/{H}H/{C}, T={T}, vocab={V}, batch={B} on {device_name(ctx)}")
     steps, speed = {}, {name: [] for name in runs}
     for name, (model, loss_of) in runs.items():
