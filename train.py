@@ -370,6 +370,7 @@ def atomic_write(path, write):
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.fchmod(fd, 0o644)  # mkstemp makes it private; results and checkpoints are ordinary files
         try:
             with os.fdopen(fd, "wb") as f:
                 write(f)
