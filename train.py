@@ -217,6 +217,8 @@ def setup(cfg):
         torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
     if rank == 0:
         _lock(cfg.out)
+    else:  # one report per run: only rank 0 prints (errors still reach stderr) and writes files
+        sys.stdout = open(os.devnull, "w")
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -637,6 +639,8 @@ def save_figure(path, draw):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    if dist.is_initialized() and dist.get_rank() > 0:
         return None
     fig = draw(plt) or plt.gcf()
     try:
