@@ -758,7 +758,8 @@ def plot_samples(cfg, sets, names, k=8):
             for col in range(k):
                 ax = axes[row, col]
                 ax.imshow(sets[name][col].reshape(SIDE, SIDE).numpy(), cmap="gray", vmin=0, vmax=255)
-                ax.set_xticks([]); ax.set_yticks([])
+                ax.set_xticks([])
+                ax.set_yticks([])
             axes[row, 0].set_ylabel(name, fontsize=8)
         fig.tight_layout(pad=0.2)
         return fig

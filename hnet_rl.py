@@ -223,7 +223,8 @@ class ChunkedByteLM(nn.Module):
             nn.init.zeros_(self.gate.bias)
         if self.method == "hnet":  # identity init: p_t starts as a pure cosine novelty detector
             with torch.no_grad():
-                self.q_proj.weight.copy_(torch.eye(C)); self.k_proj.weight.copy_(torch.eye(C))
+                self.q_proj.weight.copy_(torch.eye(C))
+                self.k_proj.weight.copy_(torch.eye(C))
 
     # -- boundary modules: each returns b (B, L) bool with b[:, 0] = 1, plus what its loss needs --
     def rl_logits(self, V, actions):
@@ -297,7 +298,8 @@ class ChunkedByteLM(nn.Module):
         elif self.method == "hnet":
             out.update(self.hnet_boundaries(hn))
         elif self.method == "bpe":
-            out["b"] = given_b.clone(); out["b"][:, 0] = True
+            out["b"] = given_b.clone()
+            out["b"][:, 0] = True
         else:
             out.update(self.rule_boundaries(x, noise))
         b = out["b"]
@@ -362,7 +364,8 @@ def loss_fn_for(cfg):
                        items=x.shape[0] * (x.shape[1] - 1))
         if cfg.method == "rl":
             extra, m = policy_loss(out, ce_final, ce_early, cfg)
-            loss = loss + extra; metrics.update(m)
+            loss = loss + extra
+            metrics.update(m)
         elif cfg.method == "hnet":
             loss = loss + cfg.ratio_weight * ratio_loss(out["b"], out["p"], 1 / cfg.rate)
         return loss, metrics
@@ -502,11 +505,13 @@ def evaluate(model, cfg, val, val_bounds, device, chunk=32):
         out = model(x[:, :-1], given, noise, greedy=cfg.eval_gates == "greedy")
         nll += token_ce(out["logits"], x[:, 1:]).sum().item()
         b, ws = out["b"], is_whitespace(x[:, :-1])
-        n_bytes += b.numel(); n_bound += b.sum().item()
+        n_bytes += b.numel()
+        n_bound += b.sum().item()
         # a whitespace byte "carries a boundary" when a chunk starts at it (`the|_cat`, BPE style) or
         # right after it (`the_|cat`, where H-Net's novelty detector cuts): both are word-aligned
         edge = b | F.pad(b[:, 1:], (0, 1))
-        ws_total += ws.sum().item(); ws_bound += (edge & ws).sum().item()
+        ws_total += ws.sum().item()
+        ws_bound += (edge & ws).sum().item()
     return dict(bpb=nll / n_bytes / math.log(2), rate=n_bound / n_bytes,
                 ws_frac=ws_bound / max(ws_total, 1), bytes_per_chunk=n_bytes / max(n_bound, 1))
 
@@ -587,8 +592,10 @@ def plot(cfg, rows):
             xs = [e["train_bytes"] / 1e6 for e in r["curve"]]
             ax.plot(xs, [e["bpb"] for e in r["curve"]], marker="o", ms=3, ls="--" if ":" in r["method"] else "-",
                     label=f"{r['method']} (rate {r['rate']:.2f})")
-        ax.set_xlabel("training bytes (millions)"); ax.set_ylabel("held-out bits per byte")
-        ax.set_title(f"byte U-Net, target rate {cfg.rate}: bpb vs training bytes"); ax.grid(alpha=0.3)
+        ax.set_xlabel("training bytes (millions)")
+        ax.set_ylabel("held-out bits per byte")
+        ax.set_title(f"byte U-Net, target rate {cfg.rate}: bpb vs training bytes")
+        ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         return fig
     return save_figure(f"{cfg.out}/bpb_vs_bytes.png", draw)
@@ -612,7 +619,9 @@ def bench(cfg, ctx, data, bounds, steps=8):
         def step():
             with ctx.autocast():
                 loss, _ = loss_fn(fast, batch)
-            loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         for _ in range(2):
             step()
         if ctx.gpu:

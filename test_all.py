@@ -82,7 +82,8 @@ def test_train_block_causality_by_perturbation(causal, window):
     else:
         assert not torch.allclose(a[:, :7], b[:, :7])  # bidirectional: it does
     if window:  # with a window of 3 (two layers), position 1 cannot see position 6
-        z = x.clone(); z[:, 0] = (z[:, 0] + 1) % 11
+        z = x.clone()
+        z[:, 0] = (z[:, 0] + 1) % 11
         torch.testing.assert_close(model(z)[:, 6:], a[:, 6:])
 
 
@@ -978,7 +979,8 @@ def hr_toy_expectations(gamma, T=5):
         out = dict(logp=logp[None], logits=logits[None], p=torch.sigmoid(logits)[None])
         loss, _ = hr.policy_loss(out, ce_final[None], baseline[None], cfg)
         grads = torch.autograd.grad(loss, (theta, phi), retain_graph=True)
-        est[0] += prob.detach() * grads[0]; est[1] += prob.detach() * grads[1]
+        est[0] += prob.detach() * grads[0]
+        est[1] += prob.detach() * grads[1]
         J = J + prob * (baseline - ce_final).sum()
     true = torch.autograd.grad(J, (theta, phi))
     scale = -1.0 / (T - 1)  # the policy loss is -mean over the T-1 free positions
@@ -1007,7 +1009,9 @@ def test_hnet_rl_training_lowers_loss(method):
     for _ in range(15):
         loss, m = loss_fn(model, batch)
         first = first if first is not None else float(m["bpb"])
-        opt.zero_grad(); loss.backward(); opt.step()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     assert float(m["bpb"]) < first - 0.5
 
 
