@@ -346,6 +346,9 @@ def test_train_second_run_into_the_same_out_refuses(tmp_path, capsys):
     (tmp_path / ".lock").write_text(str(dead.pid))  # left by a killed run: taken over
     train.setup(cfg)
     assert (tmp_path / ".lock").read_text() == str(os.getpid())
+    (tmp_path / ".lock").write_bytes(b"\xff garbled")  # e.g. a half-written lock: taken over, no traceback
+    train.setup(cfg)
+    assert (tmp_path / ".lock").read_text() == str(os.getpid())
 
 
 def _ddp_worker(rank, world, port, tmp, out):

@@ -187,12 +187,15 @@ def _lock(out):
             atexit.register(lambda: lock.unlink(missing_ok=True))
             return
         except FileExistsError:
-            pid = int(lock.read_text() or 0)
+            text = lock.read_bytes().decode(errors="replace").strip()
+            pid = int(text) if text.isdigit() else -1  # a garbled lock counts as abandoned
             if pid == os.getpid():
                 return
             try:
+                if pid <= 0:
+                    raise ProcessLookupError
                 os.kill(pid, 0)
-            except (ProcessLookupError, ValueError):  # the run that held it is gone: take it over
+            except ProcessLookupError:  # the run that held it is gone: take it over
                 lock.unlink(missing_ok=True)
                 continue
             except PermissionError:
