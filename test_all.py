@@ -253,6 +253,18 @@ def test_train_lazy_guard_matches_eager_updates_when_finite(tmp_path):
         torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
 
 
+def test_train_lazy_guard_resume_equals_uninterrupted(tmp_path):
+    cfg, ctx, ref, get_batch, loss_fn = toy_setup(tmp_path / "a", max_steps=4)
+    lazy = dataclasses.replace(ctx, lazy_guard=True)
+    train.train(ref, get_batch, loss_fn, cfg, lazy)
+    cfg, _, model, _, _ = toy_setup(tmp_path / "b", max_steps=2)
+    train.train(model, get_batch, loss_fn, cfg, lazy)
+    cfg, _, model, _, _ = toy_setup(tmp_path / "b", max_steps=4, resume=True)
+    train.train(model, get_batch, loss_fn, cfg, lazy)  # the lr tensors come back as device tensors
+    for a, b in zip(ref.parameters(), model.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_train_compile_matches_eager_and_counts_recompiles(tmp_path):
     torch.manual_seed(0)
     model = TransformerLM(8, 1, 2, 16)

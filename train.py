@@ -499,6 +499,8 @@ def train(model, get_batch, loss_fn, cfg, ctx, eval_fn=None, ckpt_path=None, des
         except DataError as e:
             die(f"--resume: {e}", 2)
         step, history, evals = ck["step"], ck["history"], ck["evals"]
+        for g in opt.param_groups if ctx.lazy_guard else ():  # the checkpoint's lr tensors were loaded on the CPU
+            g["lr"] = torch.tensor(float(g["lr"]), device=ctx.device)
         if ctx.master:
             print(f"resumed from {ckpt_path} at step {step}")
     if ctx.world > 1:
