@@ -45,7 +45,7 @@ rate drift to 0.5 once the policy moved). --gate_scale=0.0625 --rate_offset_lr=0
 Defaults run offline in a few minutes (English prose shipped with Python). `--gpu` is the paper's
 scale (d 768, 4/12/4 blocks, 4096-byte sequences, enwik8); no hand-written Triton anywhere.
 """
-import base64, collections, hashlib, heapq, math, re, time
+import base64, collections, hashlib, heapq, math, re, time, zipfile
 from pathlib import Path
 from dataclasses import dataclass
 
@@ -55,7 +55,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from train import (TrainConfig, parse_config, setup, die, fill_auto, Block, rope_angles, count_params, train,
-                   save_results, save_figure, embedded_text, download, maybe_compile, atomic_write, cli)
+                   save_results, save_figure, embedded_text, download, maybe_compile, atomic_write, cli, DataError)
 from train import init_weights, make_optimizer, global_mean
 
 METHODS = ("rl", "hnet", "uniform", "fixed", "space", "bpe")
@@ -375,12 +375,22 @@ def loss_fn_for(cfg):
 # data: raw bytes, random windows, and (for bpe) token-start boundaries precomputed once
 
 
+def unzip_enwik8(path):
+    """The 10^8 bytes of enwik8 from its downloaded zip; a damaged zip is a one-line error."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.read("enwik8")
+    except (zipfile.BadZipFile, KeyError) as e:
+        raise DataError(f"{path} is not a good enwik8.zip ({e}); delete it and download again") from None
+
+
 def load_bytes(cfg):
     try:
         if cfg.data in ("prose", "code"):
             return embedded_text(cfg.data, "train"), embedded_text(cfg.data, "val")
         if cfg.data in ("enwik8", "tinyshakespeare"):
-            raw = download(cfg.data, cfg.data_dir).read_bytes()
+            path = download(cfg.data, cfg.data_dir)
+            raw = unzip_enwik8(path) if cfg.data == "enwik8" else path.read_bytes()
         else:
             raw = open(cfg.data, "rb").read()
     except (OSError, RuntimeError) as e:

@@ -19,7 +19,7 @@ data (offline corpora, a checked downloader), and `python train.py --bench [--gp
 No hand-written Triton anywhere: on CUDA all fusion comes from torch.compile.
 """
 import argparse, atexit, contextlib, dataclasses, hashlib, importlib.util, inspect, io, json, math, os, random, re
-import signal, sys, sysconfig, tempfile, threading, time, urllib.request, zipfile, zlib
+import signal, sys, sysconfig, tempfile, threading, time, urllib.request, zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -284,7 +284,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=False)
         self.proj = nn.Linear(n_embd, n_embd, bias=False)
 
-    def forward(self, x, cos, sin, cache=None, attn_mask=None):
+    def forward(self, x, cos, sin, cache=None):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3 * self.n_head, C // self.n_head).split(self.n_head, 2)  # (B, T, nh, hs)
         cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # (T, 1, hs/2) or (B, T, 1, hs/2): same angle in every head
@@ -297,7 +297,7 @@ class Attention(nn.Module):
                 past = cache["k"].shape[2]
                 k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
             cache["k"], cache["v"] = k, v
-        is_causal = self.causal and attn_mask is None
+        is_causal, attn_mask = self.causal, None
         if is_causal and (past > 0 or self.window):  # explicit mask: query i sits at position past+i
             i = torch.arange(T, device=x.device)[:, None] + past
             j = torch.arange(past + T, device=x.device)[None, :]
@@ -326,8 +326,8 @@ class Block(nn.Module):
         self.attn = Attention(n_embd, n_head, causal, window)
         self.mlp = MLP(n_embd, mlp_ratio)
 
-    def forward(self, x, cos, sin, cache=None, attn_mask=None):
-        x = x + self.attn(self.norm1(x), cos, sin, cache, attn_mask)
+    def forward(self, x, cos, sin, cache=None):
+        x = x + self.attn(self.norm1(x), cos, sin, cache)
         return x + self.mlp(self.norm2(x))
 
 def init_weights(model, n_layer):
@@ -717,22 +717,11 @@ def download_url(url, dest, size=None, sha256=None):
     return dest
 
 def download(name, data_dir="data"):
-    """A named real dataset as raw bytes on disk (enwik8: the 10^8-byte unzipped file)."""
+    """A named real dataset's file on disk (enwik8: the zip; hnet_rl.py unpacks it)."""
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
     d = DATASETS[name]
-    path = download_url(d["url"], Path(data_dir) / d["file"], d["size"], d["sha256"])
-    if name == "enwik8":
-        out = Path(data_dir) / "enwik8"
-        if not (out.exists() and out.stat().st_size == 10**8):
-            try:
-                with zipfile.ZipFile(path) as z:
-                    data = z.read("enwik8")
-            except (zipfile.BadZipFile, KeyError) as e:
-                raise DataError(f"{path} is not a good enwik8.zip ({e}); delete it and download again") from None
-            atomic_write(out, lambda f: f.write(data))
-        path = out
-    return path
+    return download_url(d["url"], Path(data_dir) / d["file"], d["size"], d["sha256"])
 
 # ----------------------------------------------------------------------------------------------
 # benchmark: `python train.py --bench [--gpu]`
