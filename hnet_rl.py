@@ -254,11 +254,13 @@ class ChunkedByteLM(nn.Module):
                     lo = max(0, t - w + 1)  # the last w-1 actions (and t itself, still 0) are all it needs
                     a[:, t] = torch.sigmoid(self.rl_logits(V[:, lo: t + 1], a[:, lo: t + 1])[:, -1]) > thresh[:, t]
             a[:, 0] = True  # forced: the first byte always starts a chunk (no gradient: masked below)
-            if self.training and self.cfg.rate_offset_lr:  # integral control: too many boundaries -> lower
-                self.rate_offset -= self.cfg.rate_offset_lr * (global_mean(a[:, 1:].float()) - self.cfg.rate)
-        logits = self.rl_logits(V, a)
+        logits = self.rl_logits(V, a)  # the policy that sampled a: the offset moves only after this
         logp = torch.where(a, F.logsigmoid(logits), F.logsigmoid(-logits))  # log pi(a_t), with gradient
-        return dict(b=a, logits=logits, p=torch.sigmoid(logits), logp=logp)
+        if self.training and self.cfg.rate_offset_lr:  # integral control: too many boundaries -> lower
+            with torch.no_grad():
+                self.rate_offset -= self.cfg.rate_offset_lr * (global_mean(a[:, 1:].float()) - self.cfg.rate)
+        # gate_logits, not logits: that key is the LM head's, and the rate control must reach the gate
+        return dict(b=a, gate_logits=logits, p=torch.sigmoid(logits), logp=logp)
 
     def hnet_boundaries(self, h):
         q, k = self.q_proj(h[:, :-1]), self.k_proj(h[:, 1:])  # compare byte t-1 with byte t
@@ -283,7 +285,7 @@ class ChunkedByteLM(nn.Module):
 
     def forward(self, x, given_b=None, noise=None, greedy=False):
         """x (B, L) bytes -> dict(logits, early_logits (B, L, 256), b (B, L), and the boundary module's
-        p / logits / logp). noise (B, L) uniform: the only randomness (rl, uniform); given_b: bpe."""
+        p / gate_logits / logp). noise (B, L) uniform: the only randomness (rl, uniform); given_b: bpe."""
         B, L = x.shape
         cos, sin = rope_angles(torch.arange(L, device=x.device), self.head_dim)
         h = self.wte(x)  # (B, L, C)
@@ -349,7 +351,7 @@ def policy_loss(out, ce_final, ce_early, cfg):
     pg = -(G[:, 1:] * logp).mean()
     # rate control: push all logits down when the policy fires too often, up when too rarely
     rate_gap = (global_mean(out["p"][:, 1:]) - cfg.rate).detach()
-    consistency = out["logits"][:, 1:].mean() * rate_gap
+    consistency = out["gate_logits"][:, 1:].mean() * rate_gap
     return cfg.lambda_g * pg + cfg.lambda_c * consistency, dict(pg=pg.detach(), ret_std=G.std())
 
 
