@@ -74,6 +74,7 @@ WHITESPACE = (9, 10, 13, 32)  # \t \n \r space
 class Config(TrainConfig):
     method: str = "rl"  # boundary method: rl | hnet | uniform | fixed | space | bpe
     compare: bool = False  # train every method with the same budget and seed, print one table
+    seeds: int = 1  # independent seeds per method (from --seed): the table shows mean +- 95% t-interval
     ablations: bool = False  # with --compare: also the rl ablations (gamma=1, no batch advantage, no early-exit reward, window 8, no rate control)
     data: str = "auto"  # auto (prose on CPU, enwik8 with --gpu) | prose | code (text shipped with Python) | enwik8 | tinyshakespeare | path to a text file (first 90 percent train)
     rate: float = 0.2  # target boundaries per byte (1/rate bytes per chunk)
@@ -105,7 +106,7 @@ class Config(TrainConfig):
     eval_windows: int = 128  # held-out sequences of seq_len bytes per evaluation
     bench: bool = False  # only measure training bytes/s of every method and exit
 
-    resume_free = TrainConfig.resume_free + ("compare", "ablations", "bench")
+    resume_free = TrainConfig.resume_free + ("compare", "ablations", "bench", "seeds")
 
     def __post_init__(self):
         fill_auto(self, data=("prose", "enwik8"), n_embd=(128, 768), n_head=(4, 12), n_enc=(1, 4),  # CPU toy | paper scale
@@ -123,6 +124,8 @@ class Config(TrainConfig):
             raise ValueError("--eval_gates must be sampled or greedy")
         if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
             raise ValueError("--n_embd / --n_head must be an even integer (RoPE pairs)")
+        if self.seeds < 1:
+            raise ValueError("--seeds must be >= 1")
         if self.gate_window < 1 or self.seq_len < 8 or self.early_weight > 1:
             raise ValueError("need --gate_window >= 1, --seq_len >= 8 and --early_weight <= 1")
 
@@ -503,12 +506,38 @@ def make_get_batch(cfg, data, bounds):
 # evaluation: bits per byte, rate, whitespace alignment (fixed windows, fixed gate noise)
 
 
+def alignment_counts(b, x):
+    """Counts for the whitespace figures of one batch of boundaries b (B, L) over bytes x (B, L).
+    Position 0 is left out (its boundary is forced). A chunk that starts *at* a whitespace byte is
+    `the|_cat` (BPE, the RL paper's policy); one that starts right *after* it is `the_|cat` (where
+    H-Net's novelty detector cuts)."""
+    b, ws = b[:, 1:], is_whitespace(x)
+    ws_here, ws_before = ws[:, 1:], ws[:, :-1]  # is byte t / byte t-1 whitespace, for t >= 1
+    return torch.stack([torch.tensor(float(b.numel())), b.sum(), ws_here.sum(), (b & ws_here).sum(),
+                        ws_before.sum(), (b & ws_before).sum()]).double().cpu()
+
+
+def alignment_figures(c):
+    """The whitespace figures from summed alignment_counts, each next to its chance level: a policy
+    that ignores the bytes but fires at the same rate r hits r of the whitespace bytes, and its
+    boundaries fall on whitespace as often as whitespace occurs (the base rate).
+      ws_at     P(chunk starts at t | byte t is whitespace): the RL paper's "fraction of whitespace with
+                token boundaries" (its gate = 1 marks a chunk's first byte); the headline; chance = r
+      ws_after  P(chunk starts at t | byte t-1 is whitespace); chance = r
+      on_ws     share of boundaries at a whitespace byte; chance = base rate
+      after_ws  share of boundaries right after a whitespace byte; chance = base rate"""
+    n, nb, nws, at, nws_prev, after = c.tolist()
+    return dict(free_rate=nb / n, ws_base=nws / n, ws_at=at / max(nws, 1), ws_after=after / max(nws_prev, 1),
+                on_ws=at / max(nb, 1), after_ws=after / max(nb, 1))
+
+
 @torch.no_grad()
 def evaluate(model, cfg, val, val_bounds, device, chunk=32):
     L = cfg.seq_len
     n = min(cfg.eval_windows, (len(val) - 1) // L)
     g = torch.Generator().manual_seed(12345)  # same gate noise at every evaluation and for every method
-    nll = n_bytes = n_bound = ws_total = ws_bound = 0.0
+    nll = n_bytes = n_bound = 0.0
+    counts = torch.zeros(6, dtype=torch.float64)
     for s in range(0, n, chunk):
         rows = (torch.arange(s, min(n, s + chunk)) * L)[:, None] + torch.arange(L + 1)
         x = val[rows].to(device)
@@ -516,16 +545,11 @@ def evaluate(model, cfg, val, val_bounds, device, chunk=32):
         noise = torch.rand(x.shape[0], L, generator=g).to(device)
         out = model(x[:, :-1], given, noise, greedy=cfg.eval_gates == "greedy")
         nll += token_ce(out["logits"], x[:, 1:]).sum().item()
-        b, ws = out["b"], is_whitespace(x[:, :-1])
-        n_bytes += b.numel()
-        n_bound += b.sum().item()
-        # a whitespace byte "carries a boundary" when a chunk starts at it (`the|_cat`, BPE style) or
-        # right after it (`the_|cat`, where H-Net's novelty detector cuts): both are word-aligned
-        edge = b | F.pad(b[:, 1:], (0, 1))
-        ws_total += ws.sum().item()
-        ws_bound += (edge & ws).sum().item()
-    return dict(bpb=nll / n_bytes / math.log(2), rate=n_bound / n_bytes,
-                ws_frac=ws_bound / max(ws_total, 1), bytes_per_chunk=n_bytes / max(n_bound, 1))
+        n_bytes += out["b"].numel()
+        n_bound += out["b"].sum().item()
+        counts += alignment_counts(out["b"], x[:, :-1])
+    return dict(bpb=nll / n_bytes / math.log(2), rate=n_bound / n_bytes, bytes_per_chunk=n_bytes / max(n_bound, 1),
+                **alignment_figures(counts))
 
 
 @torch.no_grad()
@@ -543,6 +567,9 @@ def show_boundaries(model, cfg, val, val_bounds, device, n=120):
 # one training run per method
 
 
+FIGURES = ("bpb", "rate", "free_rate", "ws_base", "ws_at", "ws_after", "on_ws", "after_ws", "bytes_per_chunk")
+
+
 def run_method(name, cfg, ctx, data, val, bounds, val_bounds):
     torch.manual_seed(cfg.seed)  # identical init and data order for every method
     model = ChunkedByteLM(cfg).to(ctx.device)
@@ -551,13 +578,13 @@ def run_method(name, cfg, ctx, data, val, bounds, val_bounds):
     def eval_fn(m, step):
         return dict(train_bytes=step * bytes_per_step, **evaluate(m, cfg, val, val_bounds, ctx.device))
 
+    tag = name.replace(":", "_").replace("=", "")
     summary = train(model, make_get_batch(cfg, data, bounds), loss_fn_for(cfg), cfg, ctx, eval_fn=eval_fn,
-                    ckpt_path=f"{cfg.out}/ckpt_{name.replace(':', '_').replace('=', '')}.pt", desc=name)
+                    ckpt_path=f"{cfg.out}/ckpt_{tag}_seed{cfg.seed}.pt", desc=f"{name} seed {cfg.seed}")
     final = summary["evals"][-1]
-    return dict(method=name, params=count_params(model), bytes_per_s=summary["items_per_s"],
+    return dict(method=name, seed=cfg.seed, params=count_params(model), bytes_per_s=summary["items_per_s"],
                 seconds=summary["seconds"], curve=summary["evals"], sample=show_boundaries(
-                    model, cfg, val, val_bounds, ctx.device), **{k: final[k] for k in
-                    ("bpb", "rate", "ws_frac", "bytes_per_chunk")})
+                    model, cfg, val, val_bounds, ctx.device), **{k: final[k] for k in FIGURES})
 
 
 def variant(cfg, method, overrides=()):
@@ -566,41 +593,105 @@ def variant(cfg, method, overrides=()):
     return v
 
 
+# Two-sided 95% Student-t quantiles by degrees of freedom (few seeds: the normal 1.96 is too narrow)
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def interval(xs):
+    """(mean, half-width of the 95% t-interval) over seeds; half-width nan with one seed."""
+    xs = np.asarray(xs, dtype=float)
+    if len(xs) < 2:
+        return float(xs.mean()), math.nan
+    return float(xs.mean()), T95.get(len(xs) - 1, 1.96) * float(xs.std(ddof=1)) / math.sqrt(len(xs))
+
+
+def by_method(rows):
+    """method -> {figure: [value per seed]}, seeds in the same order for every method (paired)."""
+    out = collections.defaultdict(lambda: collections.defaultdict(list))
+    for r in sorted(rows, key=lambda r: r["seed"]):
+        for k in FIGURES + ("bytes_per_s",):
+            out[r["method"]][k].append(r[k])
+    return out
+
+
+def fmt(xs, digits):
+    m, h = interval(xs)
+    return f"{m:.{digits}f}" + ("" if math.isnan(h) else f"+-{h:.{digits}f}")
+
+
+def compare(a, b):
+    """Paired difference a - b over seeds, as text: mean +- 95% interval and what it resolves."""
+    m, h = interval(np.asarray(a) - np.asarray(b))
+    if math.isnan(h):
+        return f"{m:+.4f} (one seed: no interval)", "unresolved"
+    word = "lower" if m + h < 0 else "higher" if m - h > 0 else "no difference resolved"
+    return f"{m:+.4f} +- {h:.4f}", word
+
+
 def verdicts(rows, cfg):
-    """Plain-language checks of the paper's claims, computed from the table."""
-    by = {r["method"]: r for r in rows}
-    lines, tol = [], 0.02
-    matched = lambda r: abs(r["rate"] - cfg.rate) <= tol
-    if "rl" in by:
-        rl = by["rl"]
-        lines.append(f"rl realised rate {rl['rate']:.3f} is {'within' if matched(rl) else 'OUTSIDE'} "
-                     f"+-{tol} of the target {cfg.rate}")
-        for base in ("uniform", "fixed", "hnet"):
-            if base in by:
-                b = by[base]
-                word = "lower" if rl["bpb"] < b["bpb"] else "not lower"
-                lines.append(f"rl bpb {rl['bpb']:.4f} vs {base} {b['bpb']:.4f} (rate {b['rate']:.3f}): {word}"
-                             + ("" if matched(rl) and matched(b) else "  [rates not matched: not a fair comparison]"))
-        chance = by["uniform"]["ws_frac"] if "uniform" in by else 1 - (1 - rl["rate"]) ** 2
-        lines.append(f"whitespace bytes with a boundary at or right after them: rl {rl['ws_frac']:.2f} vs "
-                     f"{'uniform' if 'uniform' in by else 'chance at this rate'} {chance:.2f}: "
-                     + ("far above (>= 2x)" if rl["ws_frac"] >= 2 * chance else
-                        "BELOW it: the policy avoids word edges" if rl["ws_frac"] < chance - 0.02 else "not far above"))
-        if "rl:gamma=1" in by:
-            g1 = by["rl:gamma=1"]["ws_frac"]
-            lines.append(f"gamma=1 whitespace fraction {g1:.2f} vs {rl['ws_frac']:.2f} with gamma={cfg.gamma}: "
-                         + ("drops" if g1 < rl["ws_frac"] - 0.02 else "does not drop"))
-        if "rl:no-rate-control" in by:
-            r0 = by["rl:no-rate-control"]["rate"]
-            lines.append(f"without rate control the rate goes to {r0:.3f}: "
-                         + ("collapses towards a boundary at every byte" if r0 > 0.5 else "no collapse at this budget"))
+    """Plain-language checks of the paper's claims, computed from the table (paired by seed)."""
+    by, lines, tol = by_method(rows), [], 0.02
+    if "rl" not in by:
+        return lines
+    rl, n = by["rl"], len(by["rl"]["bpb"])
+    inside = sum(abs(r - cfg.rate) <= tol for r in rl["rate"])
+    lines.append(f"rl realised rate {fmt(rl['rate'], 3)}: within +-{tol} of the target {cfg.rate} in {inside}/{n} seeds")
+    for base in ("uniform", "fixed", "hnet", "bpe"):
+        if base in by:
+            diff, word = compare(rl["bpb"], by[base]["bpb"])
+            lines.append(f"rl bpb minus {base} bpb: {diff} -> {word} (rates {fmt(rl['rate'], 3)} vs {fmt(by[base]['rate'], 3)})")
+    # the paper's alignment figure against the chance a byte-blind policy at rl's own rate would get
+    above = sum(w > 2 * c for w, c in zip(rl["ws_at"], rl["free_rate"]))
+    line = (f"whitespace bytes where a chunk starts (paper's figure): rl {fmt(rl['ws_at'], 2)} vs chance at its own rate "
+            f"{fmt(rl['free_rate'], 2)}: at least 2x chance in {above}/{n} seeds")
+    if "uniform" in by:
+        line += f"; uniform {fmt(by['uniform']['ws_at'], 2)}"
+    lines.append(line + (" -> reproduced" if above == n else " -> NOT reproduced"))
+    if "rl:gamma=1" in by:
+        diff, word = compare(by["rl:gamma=1"]["ws_at"], rl["ws_at"])
+        lines.append(f"gamma=1 minus gamma={cfg.gamma}, paper's whitespace figure: {diff} -> "
+                     + ("drops" if word == "lower" else "does not drop (resolved)" if word != "unresolved" else word))
+    if "rl:no-rate-control" in by:
+        r0 = interval(by["rl:no-rate-control"]["rate"])[0]
+        lines.append(f"without rate control the rate goes to {r0:.3f}: "
+                     + ("collapses towards a boundary at every byte" if r0 > 0.5 else "no collapse at this budget"))
+    return lines
+
+
+def report(rows, cfg, ws_share):
+    """The results table (mean +- 95% interval over seeds), boundary samples and the verdicts."""
+    by = by_method(rows)
+    n = len(next(iter(by.values()))["bpb"])
+    print(f"\nheld-out {cfg.data}, {cfg.max_steps} steps x {cfg.batch_size} x {cfg.seq_len} bytes "
+          f"= {cfg.max_steps * cfg.batch_size * cfg.seq_len / 1e6:.1f} MB per method, {n} seed(s) from {cfg.seed}"
+          f"{' (mean +- 95% t-interval)' if n > 1 else ''}, rl gates at eval: {cfg.eval_gates}")
+    print(f"{'method':20s} {'val bpb':>15s} {'rate':>11s} {'ws_at':>10s} {'(chance)':>10s} {'ws_after':>10s} "
+          f"{'on_ws':>10s} {'after_ws':>10s} {'bytes/chunk':>11s} {'train B/s':>10s}")
+    for name, f in by.items():
+        print(f"{name:20s} {fmt(f['bpb'], 4):>15s} {fmt(f['rate'], 3):>11s} {fmt(f['ws_at'], 2):>10s} "
+              f"{fmt(f['free_rate'], 2):>10s} {fmt(f['ws_after'], 2):>10s} {fmt(f['on_ws'], 2):>10s} "
+              f"{fmt(f['after_ws'], 2):>10s} {fmt(f['bytes_per_chunk'], 2):>11s} {interval(f['bytes_per_s'])[0]:10,.0f}")
+    print(f"ws_at: fraction of whitespace bytes where a chunk starts (the paper's figure; chance = the method's own "
+          f"rate); ws_after: ... where one starts on the next byte (chance = rate); on_ws / after_ws: share of "
+          f"boundaries at / right after whitespace (chance = whitespace's share of held-out bytes, {ws_share:.1%})")
+    print("\nboundaries on a held-out passage ('|' = chunk start, '_' = space), first seed:")
+    for r in rows:
+        if r["seed"] == cfg.seed:
+            print(f"  {r['method']:20s} {r['sample']}")
+    lines = verdicts(rows, cfg)
+    if lines:
+        print("\nclaims:")
+        for line in lines:
+            print("  " + line)
+    if len(by) == 1:
+        print("  (run --compare for rl vs uniform/fixed/hnet/space/bpe at the same budget, --seeds=3 for intervals)")
     return lines
 
 
 def plot(cfg, rows):
     def draw(plt):
         fig, ax = plt.subplots(figsize=(6.5, 4))
-        for r in rows:
+        for r in (r for r in rows if r["seed"] == cfg.seed):  # the first seed's curves
             xs = [e["train_bytes"] / 1e6 for e in r["curve"]]
             ax.plot(xs, [e["bpb"] for e in r["curve"]], marker="o", ms=3, ls="--" if ":" in r["method"] else "-",
                     label=f"{r['method']} (rate {r['rate']:.2f})")
@@ -669,32 +760,13 @@ def main(argv=None):
     runs = [(n, variant(cfg, n)) for n in names]
     if cfg.compare and cfg.ablations:
         runs += [(n, variant(cfg, "rl", o)) for n, o in ABLATIONS.items()]
-    rows = []
-    for name, c in runs:
-        rows.append(run_method(name, c, ctx, data, val, bounds if name == "bpe" else None,
-                               val_bounds if name == "bpe" else None))
+    rows = [run_method(name, variant(c, c.method, dict(seed=seed)), ctx, data, val, bounds if name == "bpe" else None,
+                       val_bounds if name == "bpe" else None)
+            for seed in range(cfg.seed, cfg.seed + cfg.seeds) for name, c in runs]
     if not ctx.master:
         return None
-    print(f"\nheld-out {cfg.data}, {cfg.max_steps} steps x {cfg.batch_size} x {cfg.seq_len} bytes "
-          f"= {cfg.max_steps * cfg.batch_size * cfg.seq_len / 1e6:.1f} MB per method, seed {cfg.seed}, "
-          f"rl gates at eval: {cfg.eval_gates}")
-    print(f"{'method':20s} {'val bpb':>8s} {'rate':>6s} {'ws w/ bnd':>9s} {'bytes/chunk':>11s} {'train B/s':>10s}")
-    for r in rows:
-        print(f"{r['method']:20s} {r['bpb']:8.4f} {r['rate']:6.3f} {r['ws_frac']:9.2f} "
-              f"{r['bytes_per_chunk']:11.2f} {r['bytes_per_s']:10,.0f}")
     ws_share = is_whitespace(val).float().mean().item()
-    print(f"(whitespace is {ws_share:.1%} of held-out bytes; 'ws w/ bnd' = fraction of whitespace bytes "
-          f"with a chunk start at or right after them)")
-    print("\nboundaries on a held-out passage ('|' = chunk start, '_' = space):")
-    for r in rows:
-        print(f"  {r['method']:20s} {r['sample']}")
-    lines = verdicts(rows, cfg)
-    if lines:
-        print("\nclaims:")
-        for line in lines:
-            print("  " + line)
-    if len(rows) == 1:
-        print("  (run --compare for rl vs uniform/fixed/hnet/space/bpe at the same budget)")
+    lines = report(rows, cfg, ws_share)
     seconds = time.time() - t_start
     print(f"\ntotal time {seconds:.0f}s")
     path = save_results(cfg, ctx, dict(rows=rows, verdicts=lines, seconds=seconds, whitespace_share=ws_share))
