@@ -349,18 +349,17 @@ def test_train_full_disk_names_the_file_and_keeps_the_last_good_checkpoint(tmp_p
 
 def test_train_second_run_into_the_same_out_refuses(tmp_path, capsys):
     cfg = TrainConfig(out=str(tmp_path))
-    (tmp_path / ".lock").write_text(str(os.getppid()))  # a live process holds it
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, train\ntrain._lock(sys.argv[1])\nprint(1, flush=True)\n"
+                               "sys.stdin.read()", str(tmp_path)], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "1\n"  # a live run holds the lock
     with pytest.raises(SystemExit) as e:
         train.setup(cfg)
     assert e.value.code == 2 and "another run" in capsys.readouterr().err
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    (tmp_path / ".lock").write_text(str(dead.pid))  # left by a killed run: taken over
+    holder.kill()  # killed, not stopped cleanly: the kernel drops its lock all the same
+    holder.wait()
     train.setup(cfg)
-    assert (tmp_path / ".lock").read_text() == str(os.getpid())
-    (tmp_path / ".lock").write_bytes(b"\xff garbled")  # e.g. a half-written lock: taken over, no traceback
-    train.setup(cfg)
-    assert (tmp_path / ".lock").read_text() == str(os.getpid())
+    train.setup(cfg)  # this process may set up again (scripts call setup once per run)
+    assert (tmp_path / ".lock").exists()
 
 
 def _ddp_worker(rank, world, port, tmp, out):
@@ -991,7 +990,7 @@ def hr_toy_expectations(gamma, T=5):
         logp = torch.where(a.bool(), torch.nn.functional.logsigmoid(logits), torch.nn.functional.logsigmoid(-logits))
         prob = logp[1:].sum().exp()  # probability of this sequence (a_0 forced)
         ce_final = torch.stack([torch.tanh((w[t, : t + 1] * a[: t + 1]).sum()) for t in range(T)])  # depends on a_<=t
-        out = dict(logp=logp[None], logits=logits[None], p=torch.sigmoid(logits)[None])
+        out = dict(logp=logp[None], gate_logits=logits[None], p=torch.sigmoid(logits)[None])
         loss, _ = hr.policy_loss(out, ce_final[None], baseline[None], cfg)
         grads = torch.autograd.grad(loss, (theta, phi), retain_graph=True)
         est[0] += prob.detach() * grads[0]
@@ -1037,11 +1036,29 @@ def test_hnet_rl_rate_control_moves_rate_toward_target():
         model.gate.weight.zero_()
     h = torch.randn(4, 24, 16)
     out = model.rl_boundaries(h, torch.rand(4, 24), greedy=False)
-    out["logits"] = out["logits"] + 2.0  # pretend the policy fires far too often (p ~ 0.6)
-    out["p"] = torch.sigmoid(out["logits"])
+    out["gate_logits"] = out["gate_logits"] + 2.0  # pretend the policy fires far too often (p ~ 0.6)
+    out["p"] = torch.sigmoid(out["gate_logits"])
     loss, _ = hr.policy_loss(out, torch.zeros(4, 24), torch.zeros(4, 24), cfg)
-    (g,) = torch.autograd.grad(loss, out["logits"])
+    (g,) = torch.autograd.grad(loss, out["gate_logits"])
     assert (g[:, 1:] > 0).all()  # descending the loss lowers every logit
+
+
+def test_hnet_rl_rate_control_reaches_the_gate_not_the_lm_head():
+    # Through the full forward and loss: the rate-control term's gradient (the loss with lambda_c = 1
+    # minus the same loss with lambda_c = 0, same noise) lands on the gate and nowhere on the LM head.
+    x = torch.randint(0, 256, (4, 25), generator=torch.Generator().manual_seed(0))
+    batch = dict(x=x, noise=torch.rand(4, 24, generator=torch.Generator().manual_seed(1)))
+    grads = []
+    for lam in (1.0, 0.0):
+        model = hr_tiny_model("rl", lambda_c=lam, rate_offset_lr=0.0).train()
+        with torch.no_grad():
+            model.gate.bias.fill_(1.0)  # off the target rate, so the term is not zero
+        loss, _ = hr.loss_fn_for(model.cfg)(model, batch)
+        loss.backward()
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters()})
+    diff = {k: grads[0][k] - grads[1][k] for k in grads[0]}
+    assert diff["gate.bias"].abs().max() > 1e-4 and diff["gate.weight"].abs().max() > 0
+    assert diff["lm_head.weight"].abs().max() == 0
 
 
 def test_hnet_rl_cli_rejects_bad_input():
@@ -1062,7 +1079,7 @@ def test_hnet_rl_sequential_sampling_matches_parallel_logits():
     h, u = torch.randn(3, 24, 16), torch.rand(3, 24)
     out = m.rl_boundaries(h, u, greedy=False)
     # the logits recomputed in parallel from the sampled actions reproduce every sampled decision
-    assert torch.equal(out["b"][:, 1:], (u < torch.sigmoid(out["logits"]))[:, 1:])
+    assert torch.equal(out["b"][:, 1:], (u < torch.sigmoid(out["gate_logits"]))[:, 1:])
 
 
 def test_hnet_rl_rate_offset_steers_rate_only_in_training():
@@ -1211,6 +1228,149 @@ def test_fisher_auroc_identities():
     assert fo.fpr_at_tpr(ids, np.array([4.5, 5.0])) == 0.5
 
 
+def test_fisher_delong_standard_errors_match_brute_force_and_bootstrap():
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 8, 60).astype(float), rng.integers(0, 6, 50).astype(float)  # many ties
+    v10, v01 = fo.placements(a, b)
+    np.testing.assert_allclose(v10, [np.mean((x > b) + 0.5 * (x == b)) for x in a], atol=1e-12)
+    np.testing.assert_allclose(v01, [np.mean((a > y) + 0.5 * (a == y)) for y in b], atol=1e-12)
+    assert v10.mean() == pytest.approx(v01.mean(), abs=1e-12) and v10.mean() == pytest.approx(fo.auroc(a, b), abs=1e-12)
+    # two correlated detectors on the same ID images and two OOD sets: DeLong against a paired bootstrap
+    m, n = 300, 200
+    shared = {k: rng.normal(size=size) for k, size in (("eval", m), ("x", n), ("y", n))}
+    shift = dict(eval=1.0, x=0.0, y=0.3)
+    scores = {1: {k: dict(likelihood=rng.normal(size=len(v)), typicality=v + shift[k] + 0.6 * rng.normal(size=len(v)),
+                          gradient=v + 1.3 * shift[k] + 0.6 * rng.normal(size=len(v))) for k, v in shared.items()}}
+    rows = fo.evaluate(scores, [1], ["x", "y"])
+    pooled = fo.pooled_difference(rows)
+    boot = []
+    for _ in range(400):  # resample the ID images and each OOD set's images, the same draw for every detector
+        idx = {k: rng.integers(0, len(v), len(v)) for k, v in shared.items()}
+        au = {(o, d): fo.auroc(scores[1]["eval"][d][idx["eval"]], scores[1][o][d][idx[o]])
+              for o in ("x", "y") for d in ("typicality", "gradient")}
+        diffs = [au[(o, "gradient")] - au[(o, "typicality")] for o in ("x", "y")]
+        boot.append([au[("x", "gradient")], diffs[0], np.mean(diffs)])
+    sd = np.std(boot, axis=0, ddof=1)
+    assert rows[0]["se"]["gradient"] == pytest.approx(sd[0], rel=0.2)
+    assert rows[0]["diff_se"] == pytest.approx(sd[1], rel=0.2)
+    assert pooled[1] == pytest.approx(sd[2], rel=0.2) and pooled[0] == pytest.approx(np.mean([r["diff"] for r in rows]))
+    # pairing pays: the paired error is well below the error of two independent AUROCs
+    assert rows[0]["diff_se"] < 0.8 * math.hypot(rows[0]["se"]["gradient"], rows[0]["se"]["typicality"])
+    for df, want in ((1, 12.706), (4, 2.776), (30, 2.042)):
+        assert fo.t_quantile(df) == pytest.approx(want, abs=2e-3)
+
+
+def fo_fake_runs(diffs, like=0.3):
+    """Runs (one per seed) of one model and 4 OOD sets whose every pairing has the given difference."""
+    rng = np.random.default_rng(0)
+    runs = []
+    for seed, d in enumerate(diffs):
+        rows = [dict(model="m", ood=o, B=1, auroc=dict(likelihood=like + 0.02 * seed, typicality=0.8, gradient=0.8 + d),
+                     se={k: 0.01 for k in fo.METHODS}, diff=d, diff_se=0.01,
+                     phi=(d + 0.01 * rng.normal(size=50), d + 0.01 * rng.normal(size=40))) for o in "abcd"]
+        runs.append(dict(seed=seed, rows=rows))
+    return runs
+
+
+def test_fisher_verdicts_come_from_intervals_not_win_counts():
+    # the gradient score "wins" on average by 0.006 and on most seeds, but seed-to-seed noise is 0.05
+    lines, out = fo.verdicts(fo.summarise(fo_fake_runs([0.056, -0.044, 0.056, -0.044, 0.006])), [1])
+    assert out["mean_difference"]["all"]["verdict"] == "indistinguishable" and not out["most_pairings"]
+    assert out["pairing_verdicts"] == dict(better=0, worse=0, indistinguishable=4)
+    assert "INDISTINGUISHABLE" in lines[1] and lines[2].startswith("Gradient better") and "NO" in lines[2]
+    assert out["nalisnick"] and out["likelihood_below_chance"] == ["m/a", "m/b", "m/c", "m/d"]
+    lines, out = fo.verdicts(fo.summarise(fo_fake_runs([0.05, 0.052, 0.048], like=0.47)), [1])
+    assert out["mean_difference"]["all"]["verdict"] == "better" and out["most_pairings"] and not out["nalisnick"]
+    # one seed: the DeLong interval of that seed, +-1.96 SE
+    s = fo.summarise(fo_fake_runs([0.05]))
+    assert s["pairings"][0]["diff"] == pytest.approx((0.05, 1.96 * 0.01), rel=1e-3)
+
+
+def test_fisher_noise_draws_average_the_loss_and_its_gradient():
+    model = fo_tiny("vae")
+    images = fo.make_set("test", 10, 0)
+    losses, feats = fo.score_set(model, images, 0, "s", (1, 5), chunk=5, draws=3)
+    x = images.float() / 255
+    noise = model.draw_noise(30, fo.stream(0, "noise/s")).reshape(10, 3, -1)
+    params = list(model.parameters())
+
+    def sq_norms(loss):
+        return torch.stack([g.pow(2).sum() for g in torch.autograd.grad(loss, params)]).double()
+
+    for i in (0, 7):  # example i's feature = squared norm of the gradient of its loss averaged over 3 draws
+        mean_loss = model(x[i].expand(3, -1), noise[i]).mean()
+        torch.testing.assert_close(feats[1][i], sq_norms(mean_loss), rtol=1e-4, atol=1e-12)
+        assert losses[i].item() == pytest.approx(mean_loss.item(), rel=1e-5)
+    group = sum(model(x[i].expand(3, -1), noise[i]).mean() for i in range(5, 10))
+    torch.testing.assert_close(feats[5][1], sq_norms(group), rtol=1e-4, atol=1e-12)
+
+
+def test_fisher_diffusion_timestep_rule_and_trivial_predictors():
+    rows = [dict(t=0, denoiser=0.82, linear=0.80, retest=0.99), dict(t=50, denoiser=0.6, linear=0.7, retest=0.3),
+            dict(t=200, denoiser=0.25, linear=0.39, retest=0.9)]
+    assert fo.pick_timestep(rows) == 200  # t = 0 is the most reliable but the denoiser loses there
+    rows[2]["denoiser"] = 0.5
+    assert fo.pick_timestep(rows) == 50
+    rows[1]["denoiser"] = 0.71
+    assert fo.pick_timestep(rows) == 50  # beaten everywhere: the closest
+    # a denoiser that predicts eps = 0 has exactly the zero predictor's error; the linear one beats it at large t
+    model = fo_tiny("diffusion")
+    with torch.no_grad():
+        for p in (*model.out.parameters(), *model.gate.parameters()):
+            p.zero_()
+    table = {r["t"]: r for r in fo.timestep_table(model, fo.make_set("test", 50, 0), 0)}
+    assert all(r["denoiser"] == pytest.approx(r["zero"], rel=1e-5) for r in table.values())
+    assert table[999]["linear"] < 0.1 * table[999]["zero"] and table[0]["linear"] == pytest.approx(table[0]["zero"], rel=0.05)
+
+
+def test_fisher_real_data_run_end_to_end_on_generated_idx_files(tmp_path, monkeypatch, capsys):
+    import gzip, hashlib
+    real = {}
+    for name, n in [("fashionmnist-train", 60), ("fashionmnist-test", 40), ("mnist-test", 40)]:
+        imgs = fo.make_set("test" if name.startswith("fashion") else "strokes", n, 7)
+        raw = gzip.compress(b"".join(v.to_bytes(4, "big") for v in (0x803, n, 28, 28)) + imgs.numpy().tobytes())
+        (tmp_path / "data").mkdir(exist_ok=True)
+        (tmp_path / "data" / f"{name}-images-idx3-ubyte.gz").write_bytes(raw)
+        real[name] = ("http://127.0.0.1:9/never-fetched", len(raw), hashlib.md5(raw).hexdigest())
+    monkeypatch.setattr(fo, "REAL", real)  # the pinned sizes and md5s are the real files'; these are stand-ins
+    fo.load_idx.cache_clear()
+    fo.main(["--data=fashionmnist", f"--data_dir={tmp_path / 'data'}", f"--out={tmp_path / 'out'}", "--model=vae,diffusion",
+             "--hidden=8", "--latent=2", "--max_steps=3", "--warmup=1", "--batch_size=16", "--n_train=60", "--n_test=20",
+             "--n_ood=10", "--seeds=2", "--draws=2", "--threads=1"])
+    fo.load_idx.cache_clear()
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [r["seed"] for r in res["runs"]] == [0, 1] and res["summary"]["seeds"] == [0, 1]
+    assert {p["ood"] for p in res["summary"]["pairings"]} == {"mnist", "constant", "noise", "inverted"}
+    assert len(res["summary"]["pairings"]) == 2 * 4 * 2 and all(math.isfinite(p["diff"][0]) for p in res["summary"]["pairings"])
+    assert set(res["verdict"]["mean_difference"]) == {"all", "vae", "diffusion"}
+    out = capsys.readouterr().out
+    assert "t-interval over seeds" in out and "diffusion scored at t=" in out
+
+
+def test_fisher_ctrl_c_while_scoring_or_writing_the_cache_is_one_line_exit_130(tmp_path, monkeypatch, capsys):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    tiny = ["fisher_ood.py", "--model=vae", "--hidden=8", "--latent=2", "--max_steps=2", "--warmup=1", "--batch_size=16",
+            "--n_train=32", "--n_test=20", "--n_ood=10", "--threads=1"]
+    for target, name, out in [(fo, "fast_sq_norms", tmp_path / "a"), (torch, "save", tmp_path / "b")]:
+        with monkeypatch.context() as mp:
+            mp.setattr(target, name, interrupt)
+            mp.setattr(sys, "argv", tiny + [f"--out={out}"])
+            with pytest.raises(SystemExit) as e:
+                fo.cli(fo.main)
+        err = capsys.readouterr().err
+        assert e.value.code == 130 and "Traceback" not in err and err.strip().splitlines()[-1] == "error: interrupted"
+    assert list((tmp_path / "b" / "data").iterdir()) == []  # interrupted while writing: no partial shapes-*.tmp
+
+
+def test_fisher_bench_reports_speedup_and_the_backward_floor(tmp_path, capsys):
+    fo.main(["--bench", "--bench_batch=6", "--hidden=8", "--latent=2", "--model=vae,diffusion", f"--out={tmp_path}", "--threads=1"])
+    bench = json.loads((tmp_path / "bench.json").read_text())["bench"]
+    assert all(r["fast_over_backward"] > 0 and r["speedup_vs_loop"] > 0 and r["max_rel_diff_fast"] < 1e-3 for r in bench.values())
+    assert "fast/backward" in capsys.readouterr().out
+
+
 def test_fisher_gaussian_fit_and_score_match_float64_reference():
     rng = np.random.default_rng(1)
     fit_feats = rng.normal(size=(50, 6)) * [1, 2, 3, 4, 5, 6] + 10
@@ -1238,7 +1398,7 @@ def test_fisher_typicality_and_likelihood_groups():
     np.testing.assert_array_equal(fo.group_losses(losses, 5), [10.0, 35.0])  # tail of 2 dropped
     feats = {k: {1: torch.ones(4, 3), 2: torch.ones(2, 3)} for k in ("fit", "eval", "x")}
     ls = dict(fit=np.array([1.0, 3.0, 1.0, 3.0]), eval=np.array([2.0, 2.0, 2.0, 2.0]), x=np.array([0.0, 4.0, 0.0, 4.0]))
-    rows, scores, kept = fo.evaluate_model(ls, feats, [1, 2], ["x"])
+    scores, kept = fo.detect(ls, feats, [1, 2], ["x"])
     assert kept == {1: [0, 3], 2: [0, 3]}  # constant features have zero variance: all dropped
     np.testing.assert_array_equal(scores[1]["x"]["typicality"], [-2.0, -2.0, -2.0, -2.0])  # H = 2, symmetric
     np.testing.assert_array_equal(scores[1]["x"]["likelihood"], [0.0, -4.0, 0.0, -4.0])
@@ -1294,7 +1454,8 @@ def test_fisher_cli_bad_input(capsys):
                        text=True, timeout=60)
     lines = [l for l in r.stderr.splitlines() if l.strip()]
     assert r.returncode == 2 and len(lines) == 1 and "error" in lines[0] and "Traceback" not in r.stderr, r.stderr
-    for args in (["--batch_sizes=1,x"], ["--diff_t=1000"], ["--data=svhn"], ["--n_test=-1"], ["--nope"]):
+    for args in (["--batch_sizes=1,x"], ["--diff_t=1000"], ["--diff_t=-1"], ["--data=svhn"], ["--n_test=-1"], ["--nope"],
+                 ["--seeds=0"], [f"--data_dir={FO_ROOT / 'fisher_ood.py'}"]):
         with pytest.raises(SystemExit) as e:  # the same parser in-process: cheaper than a subprocess each
             fo.parse_config(fo.Config, "fisher_ood", args)
         assert e.value.code == 2
@@ -1387,10 +1548,10 @@ def test_scripts_two_ranks_equal_one_process_on_the_combined_batch(tmp_path):
             assert torch.equal(ranks[0][name][k], ranks[1][name][k])
 
 
-@pytest.mark.parametrize("name", [c for c in CASES if not c.startswith("hnet")])
+@pytest.mark.parametrize("name", CASES)
 def test_scripts_compile_once_and_never_recompile(name, tmp_path):
     # aot_eager stands in for inductor on the CPU: the same graph capture and guards, no codegen.
-    # (hnet_rl's chunk count depends on the data, so it recompiles by design until its issue lands.)
+    # (hnet_rl's chunk count depends on the data: it is padded to a bucket, here the whole sequence.)
     cfg, model, batch, loss_fn = script_case(name, tmp_path)
     cfg = dataclasses.replace(cfg, compile=True, compile_backend="aot_eager", max_steps=12)
     g = torch.Generator().manual_seed(1)
@@ -1447,7 +1608,7 @@ def test_fisher_damaged_shapes_cache_is_rebuilt(tmp_path, capsys):
     sets = fo.load_data(cfg)
     (cache,) = (tmp_path / "data").iterdir()
     good = cache.read_bytes()
-    for damaged in [good[: len(good) // 2], good[:5000] + b"\xff" * 20_000 + good[25_000:]]:
+    for damaged in [good[: len(good) // 2], good[:5000] + b"\xff" * 20_000 + good[25_000:], b"\xff" * len(good), b""]:
         cache.write_bytes(damaged)
         again = fo.load_data(cfg)
         assert all(torch.equal(again[k], v) for k, v in sets.items()) and "generating it again" in capsys.readouterr().err
@@ -1483,9 +1644,7 @@ def test_gpu_script_step_is_finite_compiles_once_and_fits(name, tmp_path):
     torch.cuda.reset_peak_memory_stats()
     B = dict(hnet=128, dva=12, fisher=128, subliminal=32)[name.split(":")[0]]  # each script's --gpu batch
     cfg, model, batch, loss_fn = script_case(name, tmp_path, gpu=True, B=B)
-    # hnet_rl's chunk count changes every step, so compiling it would recompile every step (its issue)
-    over = dict(compile_backend="none") if name.startswith("hnet") else {}
-    cfg = dataclasses.replace(cfg, max_steps=8, log_every=1, **over)
+    cfg = dataclasses.replace(cfg, max_steps=8, log_every=1)
     out = train.train(model, lambda i: batch, loss_fn, cfg, train.setup(cfg), ckpt_path=False, quiet=True)
     peak = torch.cuda.max_memory_allocated() / 2**30
     print(f"\n{name}: batch {cfg.batch_size} in {cfg.grad_accum} micro-steps, {out['items_per_s']:,.0f} items/s, "
@@ -1513,7 +1672,7 @@ def test_gpu_defaults_fit_one_80gb_gpu_by_fake_tensor_estimate(name, tmp_path, m
     from torch.multiprocessing.reductions import StorageWeakRef
     B = dict(hnet=128, dva=12, fisher=128, subliminal=32)[name.split(":")[0]]
     if name.startswith("hnet"):
-        monkeypatch.setattr(hr, "chunk_index", lambda b: torch.arange(896).expand(b.shape[0], 896).contiguous())
+        monkeypatch.setattr(hr, "chunk_index", lambda b, bucket=1: torch.arange(896).expand(b.shape[0], 896).contiguous())
     with FakeTensorMode(allow_non_fake_inputs=True):
         cfg, model, batch, loss_fn = script_case(name, tmp_path, gpu=True, B=B)
         rows = train.slice_rows(batch, 0, cfg.grad_accum, "cpu")

@@ -13,12 +13,12 @@ statistics a loss needs over the whole batch go through global_mean(). Under tor
 is reseeded every step from (seed, rank, step): in-model noise differs per rank and is reproducible.
 
 Sections: config/CLI, device (CPU fp32 eager; `--gpu` = CUDA, bf16 autocast, TF32, fused AdamW,
-torch.compile), the shared Transformer block, the loop (warm-up + cosine, clipping, accumulation,
-eval callback, tqdm, checksummed atomic checkpoints, exact resume, Ctrl-C, NaN guard, DDP), results,
-data (offline corpora, a checked downloader), and `python train.py --bench [--gpu]`.
+torch.compile), the shared Transformer block, checkpoints, the loop (warm-up + cosine, clipping,
+accumulation, eval callback, tqdm, exact resume, Ctrl-C, NaN guard, DDP), results, data (offline
+corpora, a checked downloader), and `python train.py --bench [--gpu]`.
 No hand-written Triton anywhere: on CUDA all fusion comes from torch.compile.
 """
-import argparse, atexit, contextlib, dataclasses, hashlib, importlib.util, inspect, io, json, math, os, random, re
+import argparse, contextlib, dataclasses, fcntl, hashlib, importlib.util, inspect, io, json, math, os, random, re
 import signal, sys, sysconfig, tempfile, threading, time, urllib.request, zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,12 +63,12 @@ class TrainConfig:
                                     "resume", "force_resume", "data_dir", "compile", "compile_backend")
 
     def __post_init__(self):
-        checks = [(self.compile_backend in ("auto", "inductor", "cudagraphs", "aot_eager", "eager", "none"),
-                   "--compile_backend must be auto|inductor|cudagraphs|aot_eager|eager|none"),
-                  (0 <= self.seed < 2**32, "--seed must be in [0, 2^32)"),
-                  (0 <= self.beta2 < 1, "--beta2 must be in [0, 1)"), (self.lr <= 10, "--lr above 10 is not a learning rate"),
-                  (self.grad_accum >= 1 and self.log_every >= 1, "--grad_accum and --log_every must be at least 1")]
-        for ok, message in checks:
+        for ok, message in [
+                (self.compile_backend in ("auto", "inductor", "cudagraphs", "aot_eager", "eager", "none"),
+                 "--compile_backend must be auto|inductor|cudagraphs|aot_eager|eager|none"),
+                (0 <= self.seed < 2**32, "--seed must be in [0, 2^32)"), (0 <= self.beta2 < 1, "--beta2 must be in [0, 1)"),
+                (self.lr <= 10, "--lr above 10 is not a learning rate"),
+                (self.grad_accum >= 1 and self.log_every >= 1, "--grad_accum and --log_every must be at least 1")]:
             if not ok:
                 raise ValueError(message)
 
@@ -76,48 +76,34 @@ def _field_help(cls):
     """Help text for each field, read from the trailing `# comment` on its line in the source."""
     helps = {}
     for klass in reversed(cls.__mro__):  # subclasses override their parents' comments
-        if dataclasses.is_dataclass(klass):
-            for line in inspect.getsource(klass).splitlines():
-                m = re.match(r"\s*(\w+)\s*:[^=#]+=[^#]*#\s*(.+)$", line)
-                if m:
-                    helps[m.group(1)] = m.group(2).strip().replace("%", "%%")  # argparse %-formats help
+        for line in inspect.getsource(klass).splitlines() if dataclasses.is_dataclass(klass) else ():
+            if m := re.match(r"\s*(\w+)\s*:[^=#]+=[^#]*#\s*(.+)$", line):
+                helps[m.group(1)] = m.group(2).strip().replace("%", "%%")  # argparse %-formats help
     return helps
 
 def _parse_bool(s):
-    if s.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-        return s.lower() in ("1", "true", "yes", "on")
-    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+    if s.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+    return s.lower() in ("1", "true", "yes", "on")
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not the whole usage block: the user sees what is wrong
         print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
 
-def _check_out(out):
-    """--out must be a directory we can create and write, checked before any work is done."""
-    p = Path(out).absolute()
-    while not p.exists():
-        p = p.parent
-    if not p.is_dir() or not os.access(p, os.W_OK | os.X_OK):
-        return f"--out={out}: {p} is {'not a directory' if not p.is_dir() else 'not writable'}"
-    return None
-
 def parse_config(cls, script, argv=None):
-    """Build an argparse parser from a Config dataclass, parse argv, return the Config. Every bad
-    input (unknown or abbreviated flag, wrong type, negative or non-finite number, failed
-    __post_init__ check, unusable --out) ends as one error line and exit code 2."""
+    """Parse argv into a Config. Every bad input (unknown or abbreviated flag, wrong type, negative
+    or non-finite number, failed __post_init__ check, unusable --out) is one error line, exit 2."""
     doc = (sys.modules[cls.__module__].__doc__ or "").strip()
     parser = _Parser(prog=f"{script}.py", description=doc.split("\n\n")[0], allow_abbrev=False,
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     helps = _field_help(cls)
     for f in dataclasses.fields(cls):
-        if f.name in cls.unused:
-            continue
         kind = {"bool": bool, "int": int, "float": float, "str": str}[getattr(f.type, "__name__", f.type)]
-        kw = dict(default=f.default, help=helps.get(f.name, " "), metavar=kind.__name__.upper(), type=kind)
-        if kind is bool:  # `--gpu` alone means true; `--gpu=false` also works
-            kw.update(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
-        parser.add_argument(f"--{f.name}", **kw)
+        kw = dict(type=_parse_bool, nargs="?", const=True, metavar="BOOL") if kind is bool else {}  # `--gpu` = true
+        if f.name not in cls.unused:
+            parser.add_argument(f"--{f.name}", **{**dict(type=kind, metavar=kind.__name__.upper()), **kw},
+                                default=f.default, help=helps.get(f.name, " "))
     args = vars(parser.parse_args(argv))
     for k, v in args.items():
         if isinstance(v, (int, float)) and not isinstance(v, bool) and not 0 <= v < math.inf:
@@ -127,8 +113,11 @@ def parse_config(cls, script, argv=None):
     except ValueError as e:
         parser.error(str(e))
     cfg.out = cfg.out or os.path.join("out", script)
-    if problem := _check_out(cfg.out):
-        parser.error(problem)
+    p = Path(cfg.out).absolute()  # --out: a directory we can create and write, checked before any work
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir() or not os.access(p, os.W_OK | os.X_OK):
+        parser.error(f"--out={cfg.out}: {p} is {'not a directory' if not p.is_dir() else 'not writable'}")
     return cfg
 
 def fill_auto(cfg, **defaults):
@@ -142,7 +131,6 @@ class DataError(RuntimeError):
     """A problem with the user's files, data or disk: reported as one line, never a traceback."""
 
 def die(msg, code=1):
-    """One-line error for the user: no traceback."""
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(code)
 
@@ -170,37 +158,23 @@ class Ctx:
     def master(self):  # only rank 0 writes files and shows progress
         return self.rank == 0
 
-    def autocast(self):
-        if self.gpu:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()  # CPU stays fp32: bf16 is slower on most laptop CPUs
+    def autocast(self):  # CPU stays fp32: bf16 is slower on most laptop CPUs
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.gpu else contextlib.nullcontext()
+
+_LOCKS = {}  # --out directory -> its open .lock file, held until this process ends
 
 def _lock(out):
-    """One run per --out: a second one refuses instead of racing for the same files."""
-    lock = Path(out) / ".lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(2):
+    """One run per --out: a second one refuses instead of racing for the same files. The kernel
+    drops an flock when its process dies, however it dies, so a killed run never leaves it stale."""
+    path = (Path(out) / ".lock").resolve()
+    if path not in _LOCKS:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a")
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            os.write(fd, str(os.getpid()).encode())
-            os.close(fd)
-            atexit.register(lambda: lock.unlink(missing_ok=True))
-            return
-        except FileExistsError:
-            text = lock.read_bytes().decode(errors="replace").strip()
-            pid = int(text) if text.isdigit() else -1  # a garbled lock counts as abandoned
-            if pid == os.getpid():
-                return
-            try:
-                if pid <= 0:
-                    raise ProcessLookupError
-                os.kill(pid, 0)
-            except ProcessLookupError:  # the run that held it is gone: take it over
-                lock.unlink(missing_ok=True)
-                continue
-            except PermissionError:
-                pass
-            die(f"another run (pid {pid}) is writing to {out}; wait for it or choose another --out", 2)
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            die(f"another run is writing to {out}; wait for it or choose another --out", 2)
+        _LOCKS[path] = f
 
 def setup(cfg):
     if cfg.gpu and not torch.cuda.is_available():
@@ -213,8 +187,7 @@ def setup(cfg):
     if cfg.gpu:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 left outside autocast
     else:
         device = torch.device("cpu")
         torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
@@ -233,8 +206,8 @@ def global_mean(x, dim=None, keepdim=False):
     mean = x.mean() if dim is None else x.mean(dim, keepdim=keepdim)
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return mean
-    total = (mean * (x.numel() / mean.numel())).detach()  # local sum along dim
-    count = torch.tensor(float(x.numel() / mean.numel()), device=x.device)
+    n = x.numel() / mean.numel()
+    total, count = (mean * n).detach(), torch.tensor(n, device=x.device)  # local sum along dim, rows
     dist.all_reduce(total)
     dist.all_reduce(count)
     return total / count
@@ -242,10 +215,9 @@ def global_mean(x, dim=None, keepdim=False):
 COMPILES = [0]  # graphs handed to the compiler backend in this process (first compile + recompiles)
 
 def maybe_compile(model, cfg):
-    """torch.compile on --gpu (or --compile). Inductor generates Triton on CUDA; without Triton we
-    use `cudagraphs`, which replays ATen kernels with no fusion but no Python overhead either.
-    Each call starts from an empty compile cache, so runs in one process (--compare, sweeps) never
-    inherit each other's graphs or hit the recompile limit and silently fall back to eager."""
+    """torch.compile on --gpu (or --compile); inductor needs Triton on CUDA, else `cudagraphs`
+    (no fusion, no Python overhead). Each call starts from an empty compile cache, so runs in one
+    process (--compare, sweeps) never inherit each other's graphs or hit the recompile limit."""
     if not (cfg.gpu or cfg.compile) or cfg.compile_backend == "none":
         return model
     backend = cfg.compile_backend
@@ -289,22 +261,19 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).view(B, T, 3 * self.n_head, C // self.n_head).split(self.n_head, 2)  # (B, T, nh, hs)
         cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # (T, 1, hs/2) or (B, T, 1, hs/2): same angle in every head
         # rotate in the (B, T, nh, hs) layout the projection wrote: then no backward step needs a copy
-        q, k = apply_rope(q, cos, sin).transpose(1, 2), apply_rope(k, cos, sin).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.transpose(1, 2)
+        q, k, v = apply_rope(q, cos, sin).transpose(1, 2), apply_rope(k, cos, sin).transpose(1, 2), v.transpose(1, 2)
         past = 0
         if cache is not None:  # KV cache for generation: append this call's keys and values
             if "k" in cache:
                 past = cache["k"].shape[2]
                 k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
             cache["k"], cache["v"] = k, v
-        is_causal, attn_mask = self.causal, None
-        if is_causal and (past > 0 or self.window):  # explicit mask: query i sits at position past+i
-            i = torch.arange(T, device=x.device)[:, None] + past
-            j = torch.arange(past + T, device=x.device)[None, :]
-            attn_mask = (j <= i) & ((i - j < self.window) if self.window else True)
-            is_causal = False
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)  # (B, nh, T, hs)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        mask = None
+        if self.causal and (past > 0 or self.window):  # explicit mask: query i sits at position past+i
+            i, j = torch.arange(T, device=x.device)[:, None] + past, torch.arange(past + T, device=x.device)
+            mask = (j <= i) & ((i - j < self.window) if self.window else True)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal and mask is None)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))  # (B, nh, T, hs) -> (B, T, C)
 
 class MLP(nn.Module):
     def __init__(self, n_embd, ratio=4):
@@ -323,8 +292,7 @@ class Block(nn.Module):
     def __init__(self, n_embd, n_head, causal=True, window=0, mlp_ratio=4):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(n_embd, bias=False), nn.LayerNorm(n_embd, bias=False)
-        self.attn = Attention(n_embd, n_head, causal, window)
-        self.mlp = MLP(n_embd, mlp_ratio)
+        self.attn, self.mlp = Attention(n_embd, n_head, causal, window), MLP(n_embd, mlp_ratio)
 
     def forward(self, x, cos, sin, cache=None):
         x = x + self.attn(self.norm1(x), cos, sin, cache)
@@ -335,8 +303,7 @@ def init_weights(model, n_layer):
     stream's variance does not grow with depth."""
     for name, p in model.named_parameters():
         if p.dim() >= 2:
-            std = 0.02 / math.sqrt(2 * n_layer) if name.endswith("proj.weight") else 0.02
-            nn.init.normal_(p, 0.0, std)
+            nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * n_layer) if name.endswith("proj.weight") else 0.02)
 
 class TransformerLM(nn.Module):
     """Token embedding -> blocks -> norm -> untied LM head. No learned positions: RoPE only."""
@@ -367,7 +334,7 @@ def count_params(module):
     return sum(p.numel() for p in module.parameters())
 
 # ----------------------------------------------------------------------------------------------
-# checkpoints: atomic, checksummed files
+# checkpoints and caches: atomic, checksummed files
 def atomic_write(path, write):
     """write(file) into a uniquely named temporary file beside `path`, then rename: a crash, a full
     disk or a second writer never leaves half a file under `path`, and no temporary file stays."""
@@ -388,27 +355,14 @@ def atomic_write(path, write):
 
 MAGIC = b"\ntrain.py checkpoint sha256 "  # + 64 hex digits: the trailer after torch.save's bytes
 
-
-class _Hashing:  # a file that also hashes what is written through it
-    def __init__(self, f):
-        self.f, self.sha = f, hashlib.sha256()
-
-    def write(self, b):
-        self.sha.update(b)
-        return self.f.write(b)
-
-    def flush(self):
-        self.f.flush()
-
-
 def atomic_save(obj, path):
     """torch.save(obj) with a sha256 trailer, so load_checked() can tell a good file from a bad one."""
     def write(f):
-        h = _Hashing(f)
-        torch.save(obj, h)
-        f.write(MAGIC + h.sha.hexdigest().encode())
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        f.write(buf.getbuffer())
+        f.write(MAGIC + hashlib.sha256(buf.getbuffer()).hexdigest().encode())
     return atomic_write(path, write)
-
 
 def load_checked(path):
     """Load what atomic_save wrote, always onto the CPU (the RNG states inside must stay CPU
@@ -416,7 +370,7 @@ def load_checked(path):
     file is truncated, garbled or not ours."""
     raw = Path(path).read_bytes()
     data, tail = raw[:-len(MAGIC) - 64], raw[-len(MAGIC) - 64:]
-    if tail[:len(MAGIC)] != MAGIC or hashlib.sha256(data).hexdigest().encode() != tail[len(MAGIC):]:
+    if tail != MAGIC + hashlib.sha256(data).hexdigest().encode():
         raise DataError(f"{path} is damaged, incomplete or from an older train.py (checksum mismatch); delete it to start afresh")
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
 
@@ -426,13 +380,13 @@ def lr_at(step, cfg):
     """Linear warm-up to cfg.lr, then cosine decay to cfg.lr * cfg.min_lr_ratio at max_steps."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    frac = (step - cfg.warmup) / max(1, cfg.max_steps - cfg.warmup)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+    frac = min((step - cfg.warmup) / max(1, cfg.max_steps - cfg.warmup), 1.0)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 def make_optimizer(model, cfg, ctx):
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2 and "wte" not in n]
-    rest = [p for n, p in model.named_parameters() if p.requires_grad and not (p.dim() >= 2 and "wte" not in n)]
-    groups = [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=rest, weight_decay=0.0)]
+    decays = {p: p.dim() >= 2 and "wte" not in n for n, p in model.named_parameters() if p.requires_grad}
+    groups = [dict(params=[p for p, d in decays.items() if d == want], weight_decay=cfg.weight_decay * want)
+              for want in (True, False)]
     lr = torch.tensor(cfg.lr, device=ctx.device) if ctx.lazy_guard else cfg.lr  # a tensor lr can be zeroed on device
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, cfg.beta2), fused=ctx.gpu or ctx.lazy_guard)
 
@@ -447,31 +401,17 @@ def slice_rows(batch, part, parts, device):
         return type(batch)(slice_rows(v, part, parts, device) for v in batch)
     return batch
 
-def _rows(batch):
+def _rows(batch):  # the set of row counts of the tensors in a batch
     if isinstance(batch, torch.Tensor):
         return {len(batch)}
     items = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else ()
-    return set().union(*map(_rows, items)) if items else set()
-
-def _rng_state():
-    return dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-
-def _set_rng_state(s):
-    torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
-    if s["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+    return set().union(*map(_rows, items))
 
 def _resume(path, raw, opt, cfg):
     """Load a checkpoint for --resume, refusing one that belongs to another run."""
-    ck = load_checked(path)
-    now = dataclasses.asdict(cfg)
-    changed = [f"--{k} {v} -> {now.get(k)}" for k, v in ck["config"].items()
-               if k not in cfg.resume_free and now.get(k) != v]
-    shapes = {k: tuple(v.shape) for k, v in raw.state_dict().items()}
-    if {k: tuple(v.shape) for k, v in ck["model"].items()} != shapes:
+    ck, now = load_checked(path), dataclasses.asdict(cfg)
+    changed = [f"--{k} {v} -> {now.get(k)}" for k, v in ck["config"].items() if k not in cfg.resume_free and now.get(k) != v]
+    if {k: v.shape for k, v in ck["model"].items()} != {k: v.shape for k, v in raw.state_dict().items()}:
         die(f"--resume: {path} holds a model of other shapes ({', '.join(changed) or 'other code'}); "
             "use another --out or delete it", 2)
     if changed and not cfg.force_resume:
@@ -479,17 +419,21 @@ def _resume(path, raw, opt, cfg):
             "continue it anyway, or use another --out", 2)
     raw.load_state_dict(ck["model"])
     opt.load_state_dict(ck["optimizer"])
-    _set_rng_state(ck["rng"])
+    torch.set_rng_state(ck["rng"]["torch"])
+    np.random.set_state(ck["rng"]["numpy"])
+    random.setstate(ck["rng"]["python"])
+    if ck["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
     return ck
 
 def train(model, get_batch, loss_fn, cfg, ctx, eval_fn=None, ckpt_path=None, desc="train", quiet=False):
     """ckpt_path=None -> cfg.out/ckpt.pt; ckpt_path=False -> no checkpoints (short inner-loop runs).
-    quiet=True: a transient progress bar and no summary line (for scripts that call train() often)."""
+    quiet=True: a transient progress bar and no summary line (for scripts that call train() often).
+    Returns a summary: history, evals, steps, seconds, items_per_s, recompiles, peak_gib."""
     parts = cfg.grad_accum * ctx.world
     if cfg.batch_size % parts:
         die(f"--batch_size={cfg.batch_size} must divide into --grad_accum={cfg.grad_accum} x {ctx.world} processes", 2)
-    model.to(ctx.device)
-    raw = model  # the uncompiled, unwrapped module: what we checkpoint and return
+    raw = model.to(ctx.device)  # the uncompiled, unwrapped module: what we checkpoint and return
     opt = make_optimizer(raw, cfg, ctx)
     ckpt_path = None if ckpt_path is False else Path(ckpt_path or os.path.join(cfg.out, "ckpt.pt"))
     step, history, evals = 0, [], []
@@ -501,18 +445,19 @@ def train(model, get_batch, loss_fn, cfg, ctx, eval_fn=None, ckpt_path=None, des
         step, history, evals = ck["step"], ck["history"], ck["evals"]
         for g in opt.param_groups if ctx.lazy_guard else ():  # the checkpoint's lr tensors were loaded on the CPU
             g["lr"] = torch.tensor(float(g["lr"]), device=ctx.device)
-        if ctx.master:
-            print(f"resumed from {ckpt_path} at step {step}")
+        print(f"resumed from {ckpt_path} at step {step}")
     if ctx.world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.gpu else None)
-    fast = maybe_compile(model, cfg)
-    compiles = COMPILES[0]
+    fast, compiles = maybe_compile(model, cfg), COMPILES[0]
     bad_step = torch.full((), -1, device=ctx.device)  # first step whose loss or gradient was not finite
+    bar = tqdm(total=cfg.max_steps, initial=step, desc=desc, disable=not ctx.master, dynamic_ncols=True, leave=not quiet)
 
     def save():
         if ctx.master and ckpt_path:
+            rng = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
+                       cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
             atomic_save(dict(model=raw.state_dict(), optimizer=opt.state_dict(), step=step, history=history,
-                             evals=evals, rng=_rng_state(), config=dataclasses.asdict(cfg)), ckpt_path)
+                             evals=evals, rng=rng, config=dataclasses.asdict(cfg)), ckpt_path)
 
     def run_eval():
         if eval_fn is not None:
@@ -521,19 +466,24 @@ def train(model, get_batch, loss_fn, cfg, ctx, eval_fn=None, ckpt_path=None, des
                 evals.append(dict(step=step, **eval_fn(raw, step)))
             raw.train()
 
+    def fail(msg):  # close the bar first, so the one error line is not glued to it
+        bar.close()
+        die(msg)
+
     def check_finite():
         if bad_step.item() >= 0:
-            bar.close()
-            die(f"loss became nan at step {bad_step.item()}; stopping. That update was skipped and the last "
-                f"good checkpoint (if any) is kept at {ckpt_path}. Try a lower --lr.")
+            fail(f"loss became nan at step {bad_step.item()}; stopping. That update was skipped and the last "
+                 f"good checkpoint (if any) is kept at {ckpt_path}. Try a lower --lr.")
 
     # Ctrl-C sets a flag; the loop finishes the step it is in, saves, and exits. A second Ctrl-C
     # interrupts at once. (Only the main thread may install signal handlers.)
     stop = []
+
+    def on_sigint(*_):
+        stop.append(1)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     main_thread = threading.current_thread() is threading.main_thread()
-    old_handler = signal.signal(signal.SIGINT, lambda *_: (stop.append(1), signal.signal(
-        signal.SIGINT, signal.default_int_handler))) if main_thread else None
-    bar = tqdm(total=cfg.max_steps, initial=step, desc=desc, disable=not ctx.master, dynamic_ncols=True, leave=not quiet)
+    old_handler = signal.signal(signal.SIGINT, on_sigint) if main_thread else None
     t0, items, last, first_step = time.time(), 0.0, (history[-1] if history else {}), step
     try:
         raw.train()
@@ -543,55 +493,41 @@ def train(model, get_batch, loss_fn, cfg, ctx, eval_fn=None, ckpt_path=None, des
                 torch.manual_seed((cfg.seed * 1_000_003 + step) * 4099 + ctx.rank)
             batch = get_batch(step)
             if _rows(batch) != {cfg.batch_size}:
-                bar.close()
-                die(f"get_batch({step}) gave {sorted(_rows(batch))} rows; every step needs exactly "
-                    f"--batch_size={cfg.batch_size} (drop or pad partial batches)")
-            for attempt in range(2):  # the second attempt only if the first compiled step failed
-                try:
-                    opt.zero_grad(set_to_none=True)
-                    total = 0.0
-                    for micro in range(cfg.grad_accum):
-                        rows = slice_rows(batch, micro * ctx.world + ctx.rank, parts, ctx.device)
-                        sync = micro == cfg.grad_accum - 1 or ctx.world == 1
-                        with (contextlib.nullcontext() if sync else model.no_sync()), ctx.autocast():
-                            loss, metrics = loss_fn(fast, rows)
-                        (loss / cfg.grad_accum).backward()
-                        total = total + loss.detach() / cfg.grad_accum
-                        items += float(metrics.get("items", 0))
-                    break
-                except Exception as e:
-                    if fast is model or attempt or step != first_step:
-                        raise
-                    print(f"warning: compiled step failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-                          "falling back to eager", file=sys.stderr)
-                    fast = model
+                fail(f"get_batch({step}) gave {sorted(_rows(batch))} rows; every step needs exactly "
+                     f"--batch_size={cfg.batch_size} (drop or pad partial batches)")
+            opt.zero_grad(set_to_none=True)
+            total = 0.0
+            for micro in range(cfg.grad_accum):  # DDP all-reduces the gradients on the last micro-step only
+                rows = slice_rows(batch, micro * ctx.world + ctx.rank, parts, ctx.device)
+                quiet_sync = ctx.world > 1 and micro < cfg.grad_accum - 1
+                with (model.no_sync() if quiet_sync else contextlib.nullcontext()), ctx.autocast():
+                    loss, metrics = loss_fn(fast, rows)
+                (loss / cfg.grad_accum).backward()
+                total = total + loss.detach() / cfg.grad_accum
+                items += float(metrics.get("items", 0))
             norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
             ok = torch.isfinite(total) & torch.isfinite(norm)  # the norm is over all ranks' averaged gradients
+            bad_step.copy_(torch.where(~ok & (bad_step < 0), step, bad_step))
             if ctx.lazy_guard:  # no host sync: a bad step gets zero gradients and lr 0, reported below
-                bad_step.copy_(torch.where(~ok & (bad_step < 0), step, bad_step))
                 for p in raw.parameters():
                     if p.grad is not None:
                         p.grad.masked_fill_(~ok, 0.0)
                 for g in opt.param_groups:
                     g["lr"].fill_(lr).mul_(ok)
-            else:
-                if not ok:
-                    bad_step.fill_(step)
-                    check_finite()
+            else:  # on the CPU a sync is free: stop before the update
+                check_finite()
                 for g in opt.param_groups:
                     g["lr"] = lr
             opt.step()
             step += 1
             bar.update(1)
+            compiles = COMPILES[0] if step == first_step + 1 else compiles  # later compiles are recompiles
             logs = step % cfg.log_every == 0 or step == cfg.max_steps
             saves = cfg.ckpt_every and step % cfg.ckpt_every == 0
             if logs or saves or stop:
                 check_finite()  # never log, save or evaluate past a non-finite step
-            if step == first_step + 1:
-                compiles = COMPILES[0]  # the first step compiled; anything after it is a recompile
             if logs:
-                last = dict(step=step, loss=total.item(), lr=lr,
-                            **{k: float(v) for k, v in metrics.items() if k != "items"})
+                last = dict(step=step, loss=total.item(), lr=lr, **{k: float(v) for k, v in metrics.items() if k != "items"})
                 history.append(last)
                 rate = items / max(time.time() - t0, 1e-9)
                 bar.set_postfix(loss=f"{last['loss']:.4f}", **({"items/s": f"{rate:,.0f}"} if items else {}))
@@ -614,28 +550,24 @@ def train(model, get_batch, loss_fn, cfg, ctx, eval_fn=None, ckpt_path=None, des
     seconds = time.time() - t0
     summary = dict(history=history, evals=evals, steps=step, seconds=seconds, items_per_s=items / max(seconds, 1e-9),
                    recompiles=COMPILES[0] - compiles, peak_gib=torch.cuda.max_memory_allocated() / 2**30 if ctx.gpu else 0)
-    if ctx.master and not quiet:
+    if not quiet:
         print(f"{desc}: {step} steps in {seconds:.1f}s, final loss {last.get('loss', float('nan')):.4f}"
               + (f", {summary['items_per_s']:,.0f} items/s" if items else "")
               + (f", peak GPU memory {summary['peak_gib']:.1f} GiB" if ctx.gpu else ""))
-    if ctx.master and fast is not model and summary["recompiles"] > 0:
+    if fast is not model and summary["recompiles"] > 0 and ctx.master:
         print(f"warning: {desc} recompiled {summary['recompiles']} time(s) after its first step", file=sys.stderr)
     return summary
 
 # ----------------------------------------------------------------------------------------------
 # results: results.json and figures under --out (rank 0 only)
 def device_name(ctx):
-    if ctx.gpu:
-        return torch.cuda.get_device_name(ctx.device)
-    return f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+    return torch.cuda.get_device_name(ctx.device) if ctx.gpu else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 def save_results(cfg, ctx, results, name="results.json"):
-    if not ctx.master:
-        return None
-    payload = dict(config=dataclasses.asdict(cfg), torch=torch.__version__, device=device_name(ctx),
-                   time=time.strftime("%Y-%m-%d %H:%M:%S"), **results)
-    text = json.dumps(payload, indent=1, default=float).encode()
-    return atomic_write(Path(cfg.out) / name, lambda f: f.write(text))
+    if ctx.master:
+        text = json.dumps(dict(config=dataclasses.asdict(cfg), torch=torch.__version__, device=device_name(ctx),
+                               time=time.strftime("%Y-%m-%d %H:%M:%S"), **results), indent=1, default=float)
+        return atomic_write(Path(cfg.out) / name, lambda f: f.write(text.encode()))
 
 def save_figure(path, draw):
     """draw(plt) builds a figure; saved as PNG. Figures are optional: no matplotlib, no figure."""
@@ -667,9 +599,8 @@ def embedded_text(kind="prose", split="train"):
         root, docs, total = Path(sysconfig.get_paths()["stdlib"]), [], 0
         skip = {"site-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo", "ensurepip"}
         for p in sorted(root.rglob("*.py")):
-            rel = p.relative_to(root)
-            if total < 16e6 and not skip & set(rel.parts):
-                docs.append((str(rel), p.read_text(encoding="utf-8", errors="replace")))
+            if total < 16e6 and not skip & set(p.relative_to(root).parts):
+                docs.append((str(p.relative_to(root)), p.read_text(encoding="utf-8", errors="replace")))
                 total += len(docs[-1][1])
     else:
         raise ValueError(f"unknown corpus {kind!r} (prose or code)")
@@ -689,7 +620,6 @@ def _check(path, size, sha256):
         return f"size {path.stat().st_size} bytes, expected {size}"
     if sha256 is not None and (digest := hashlib.sha256(path.read_bytes()).hexdigest()) != sha256:
         return f"sha256 {digest[:16]}..., expected {sha256[:16]}..."
-    return None
 
 def download_url(url, dest, size=None, sha256=None):
     """Fetch url to dest once (cached), verify size/sha256, write via a temporary file + rename."""
@@ -699,15 +629,13 @@ def download_url(url, dest, size=None, sha256=None):
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
     try:
-        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
-            with tqdm(total=int(r.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
-                      desc=f"download {dest.name}") as bar:
-                while chunk := r.read(1 << 20):
-                    f.write(chunk)
-                    bar.update(len(chunk))
+        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f, tqdm(
+                total=int(r.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
+                desc=f"download {dest.name}") as bar:
+            while chunk := r.read(1 << 20):
+                bar.update(f.write(chunk))
         if problem := _check(tmp, size, sha256):
-            raise DataError(f"{url} gave a bad file ({problem}); nothing was kept. Download it by hand "
-                            f"and place it at {dest}")
+            raise DataError(f"{url} gave a bad file ({problem}); nothing was kept. Download it by hand and place it at {dest}")
         os.replace(tmp, dest)
     except OSError as e:  # URLError, timeouts and disk errors are all OSErrors
         raise DataError(f"could not download {url} ({e}). Check the network, or download it by hand "
@@ -736,20 +664,17 @@ class BenchConfig(TrainConfig):
     unused = ("out", "min_lr_ratio", "warmup", "grad_accum", "grad_clip", "log_every", "eval_every", "ckpt_every",
               "resume", "force_resume", "data_dir")
 
-
 PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
                    "4090": 165.2e12}  # dense bf16 tensor-core peaks from the vendors' data sheets
 
 def bench(cfg):
     ctx = setup(cfg)
     size = cfg.size if cfg.size != "auto" else ("gpt2" if cfg.gpu else "small")
-    L, H, C, T, V, B = dict(tiny=(1, 2, 16, 16, 65, 2), small=(6, 6, 384, 256, 65, 12),
-                            gpt2=(12, 12, 768, 1024, 50304, 16))[size]
+    L, H, C, T, V, B = dict(tiny=(1, 2, 16, 16, 65, 2), small=(6, 6, 384, 256, 65, 12), gpt2=(12, 12, 768, 1024, 50304, 16))[size]
     B = cfg.batch_size or B
     x = torch.randint(0, V, (B, T + 1), device=ctx.device)
     inp, tgt = x[:, :-1], x[:, 1:].contiguous()
-    runs = {"train.py TransformerLM": (TransformerLM(V, L, H, C), lambda m: F.cross_entropy(
-        m(inp).float().view(-1, V), tgt.view(-1)))}
+    runs = {"train.py TransformerLM": (TransformerLM(V, L, H, C), lambda m: F.cross_entropy(m(inp).float().view(-1, V), tgt.view(-1)))}
     if cfg.reference:  # nanoGPT's GPT (bias off, dropout 0 like ours) from a file the user has; its own loss
         spec = importlib.util.spec_from_file_location("nanogpt_model", cfg.reference)
         ng = importlib.util.module_from_spec(spec)
@@ -759,8 +684,7 @@ def bench(cfg):
     print(f"bench {size}: {L}L/{H}H/{C}, T={T}, vocab={V}, batch={B} on {device_name(ctx)}")
     steps, speed = {}, {name: [] for name in runs}
     for name, (model, loss_of) in runs.items():
-        model.to(ctx.device)
-        opt, fast = make_optimizer(model, cfg, ctx), maybe_compile(model, cfg)
+        opt, fast = make_optimizer(model.to(ctx.device), cfg, ctx), maybe_compile(model, cfg)
 
         def step(fast=fast, opt=opt, loss_of=loss_of):
             with ctx.autocast():
@@ -771,13 +695,14 @@ def bench(cfg):
         steps[name] = step
         for _ in range(3):  # warm-up: compilation, allocator, caches
             step()
+    sync = torch.cuda.synchronize if ctx.gpu else (lambda: None)
     for r in range(cfg.rounds):
         for name in list(steps)[::-1 if r % 2 else 1]:
-            torch.cuda.synchronize() if ctx.gpu else None
+            sync()
             t0 = time.perf_counter()
             for _ in range(cfg.max_steps):
                 steps[name]()
-            torch.cuda.synchronize() if ctx.gpu else None
+            sync()
             speed[name].append(B * T * cfg.max_steps / (time.perf_counter() - t0))
     for name, (model, _) in runs.items():
         # FLOPs per token (PaLM appendix B, as nanoGPT): 6 per weight of every matmul (each nn.Linear,
