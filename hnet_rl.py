@@ -56,7 +56,7 @@ import torch.nn.functional as F
 
 from train import (TrainConfig, parse_config, setup, die, fill_auto, Block, rope_angles, count_params, train,
                    save_results, save_figure, embedded_text, download, maybe_compile, atomic_write, cli, DataError)
-from train import init_weights, make_optimizer, global_mean
+from train import init_weights, make_optimizer, global_mean, Attention, apply_rope
 
 METHODS = ("rl", "hnet", "uniform", "fixed", "space", "bpe")
 ABLATIONS = {  # name -> overrides of the rl config (the repo's ablation table)
@@ -102,11 +102,12 @@ class Config(TrainConfig):
     eval_gates: str = "sampled"  # rl at evaluation: sampled (fixed noise, as the authors) | greedy (logit > 0)
     ratio_weight: float = 0.03  # hnet: weight of the ratio loss
     bpe_vocab: int = 4096  # bpe: vocabulary of the BPE whose token starts are the boundaries
+    chunk_bucket: int = 0  # chunk counts are rounded up to a multiple of this, capped at seq_len, so compiled code sees few shapes (0 = auto: 64 when compiling, else 1)
     eval_every: int = 0  # steps between held-out evaluations (0 = max_steps / 6)
     eval_windows: int = 128  # held-out sequences of seq_len bytes per evaluation
     bench: bool = False  # only measure training bytes/s of every method and exit
 
-    resume_free = TrainConfig.resume_free + ("compare", "ablations", "bench", "seeds")
+    resume_free = TrainConfig.resume_free + ("compare", "ablations", "bench", "seeds", "chunk_bucket")
 
     def __post_init__(self):
         fill_auto(self, data=("prose", "enwik8"), n_embd=(128, 768), n_head=(4, 12), n_enc=(1, 4),  # CPU toy | paper scale
@@ -133,12 +134,19 @@ class Config(TrainConfig):
 # chunking, upsampling and H-Net's smoothing: pure tensor functions (tested on their own)
 
 
-def chunk_index(b):
+@torch.compiler.disable  # data-dependent: the one graph break of the forward; what follows sees only the bucket
+def chunk_count(b, bucket):
+    return min(b.shape[1], -(-int(b.sum(1).max()) // bucket) * bucket)
+
+
+def chunk_index(b, bucket=1):
     """b (B, L) bool with b[:, 0] = 1 -> idx (B, M): byte positions of the boundaries, in order,
-    M = most boundaries in any row. A stable sort moves boundaries to the front; rows with fewer
-    boundaries are padded with non-boundary positions. Padding sits *after* every real chunk, so
-    causal attention over chunks never lets a real chunk see it, and nothing reads its output."""
-    M = int(b.sum(1).max())
+    M = most boundaries in any row, rounded up to a multiple of `bucket` (capped at L) so compiled
+    code sees a few chunk counts, not a new one every step. A stable sort moves boundaries to the
+    front; rows with fewer boundaries are padded with non-boundary positions. Padding sits *after*
+    every real chunk, so causal attention over chunks never lets a real chunk see it, and nothing
+    reads its output."""
+    M = chunk_count(b, bucket)
     order = torch.sort((~b).to(torch.uint8), dim=1, stable=True).indices  # boundaries first
     return order[:, :M]  # (B, M)
 
@@ -169,7 +177,8 @@ def smooth_chunks(z, P):
     seg = terms.cumsum(1)  # [b, j, i]
     weights = torch.exp(seg.masked_fill(~below.logical_or(torch.eye(M, dtype=torch.bool, device=P.device)), -math.inf))
     weights = weights * P.float()[:, None, :]  # (B, M_j, M_i): P_i prod (1 - P_k)
-    return (weights @ z.float()).to(z.dtype)
+    with torch.autocast(z.device.type, enabled=False):  # autocast would run this matmul in bf16
+        return (weights @ z.float()).to(z.dtype)
 
 
 def straight_through_one(c):
@@ -199,6 +208,39 @@ def discounted_returns(adv, gamma):
 def softcap(x, cap=6.0):
     return cap * torch.tanh(x / cap)
 
+class LocalAttention(Attention):
+    """Causal sliding-window attention (query t sees keys t-window+1 .. t) whose cost grows with
+    L x window, not L^2: the sequence is cut into blocks of `window` queries, and each block
+    attends to its own block and the one before it (2 x window keys) under a fixed band mask.
+    Same weights and result as train.Attention with window (the masked reference)."""
+
+    def forward(self, x, cos, sin, cache=None):
+        W, (B, T, C) = self.window, x.shape
+        if cache is not None or not W or W >= T:  # nothing to save: the reference path
+            return super().forward(x, cos, sin, cache)
+        q, k, v = self.qkv(x).view(B, T, 3 * self.n_head, C // self.n_head).split(self.n_head, 2)  # (B, T, nh, hs)
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+        q, k, v = apply_rope(q, cos, sin).transpose(1, 2), apply_rope(k, cos, sin).transpose(1, 2), v.transpose(1, 2)
+        nb = -(-T // W)  # blocks of W queries; the tail is padded and cut off again
+        q = F.pad(q, (0, 0, 0, nb * W - T)).unflatten(2, (nb, W))  # (B, nh, nb, W, hs)
+        # keys of block n: positions (n-1) W .. (n+1) W - 1, with W zero keys in front of block 0
+        k, v = (F.pad(t, (0, 0, W, nb * W - T)).unfold(2, 2 * W, W).transpose(-1, -2) for t in (k, v))  # (B, nh, nb, 2W, hs)
+        r = torch.arange(W, device=x.device)[:, None]  # query offset in its block
+        c = torch.arange(2 * W, device=x.device)[None, :]  # key offset in the block's 2W keys (query's own: r + W)
+        band = (c > r) & (c <= r + W)  # key t' with t - W < t' <= t
+        first = torch.arange(nb, device=x.device)[:, None, None] > 0  # block 0's first W keys are padding
+        mask = band & (first | (c >= W))  # (nb, W, 2W)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, nb, W, hs)
+        y = y.flatten(2, 3)[:, :, :T]  # (B, nh, T, hs)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+def byte_block(C, H, window):
+    """A byte-level Block whose attention is the L x window local attention above."""
+    blk = Block(C, H, window=window)
+    blk.attn = LocalAttention(C, H, True, window)
+    return blk
+
 # ----------------------------------------------------------------------------------------------
 # the model: one byte-level U-Net, six boundary modules
 
@@ -209,9 +251,9 @@ class ChunkedByteLM(nn.Module):
         C, H = cfg.n_embd, cfg.n_head
         self.cfg, self.method, self.head_dim = cfg, cfg.method, C // H
         self.wte = nn.Embedding(256, C)
-        self.encoder = nn.ModuleList(Block(C, H, window=cfg.window) for _ in range(cfg.n_enc))
+        self.encoder = nn.ModuleList(byte_block(C, H, cfg.window) for _ in range(cfg.n_enc))
         self.main = nn.ModuleList(Block(C, H) for _ in range(cfg.n_main))  # causal over chunks, full context
-        self.decoder = nn.ModuleList(Block(C, H, window=cfg.window) for _ in range(cfg.n_dec))
+        self.decoder = nn.ModuleList(byte_block(C, H, cfg.window) for _ in range(cfg.n_dec))
         self.norm_enc, self.norm = nn.LayerNorm(C, bias=False), nn.LayerNorm(C, bias=False)
         self.early_head = nn.Linear(C, 256, bias=False)  # early exit: sees only pre-boundary layers
         self.lm_head = nn.Linear(C, 256, bias=False)
@@ -240,22 +282,27 @@ class ChunkedByteLM(nn.Module):
             raw = raw + (prev * V[..., :-1]).sum(-1)
         return softcap(self.cfg.gate_scale * raw + math.log(rho / (1 - rho)) + self.rate_offset)
 
+    @torch.compiler.disable  # a Python loop over bytes: ~20 graph nodes per byte if it were traced
+    def sample_sequential(self, V, thresh):
+        """Actions of a policy that reads its own last w-1 actions, byte by byte. (B, L) bool"""
+        (B, L, w), u = V.shape, thresh
+        a = torch.zeros(B, L, dtype=torch.bool, device=V.device)
+        a[:, 0] = True  # forced before the loop: later logits read it
+        for t in range(1, L):  # logit t reads only actions < t, so filling left to right is exact
+            lo = max(0, t - w + 1)  # the last w-1 actions (and t itself, still 0) are all it needs
+            a[:, t] = torch.sigmoid(self.rl_logits(V[:, lo: t + 1], a[:, lo: t + 1])[:, -1]) > u[:, t]
+        return a
+
     def rl_boundaries(self, h, noise, greedy):
         """Sample a_t ~ Bernoulli(pi_t) without gradient (a loop over bytes only if the policy reads
         its own past actions), then recompute all logits in parallel with gradient."""
-        B, L, _ = h.shape
         V = self.gate(h).float()  # (B, L, w)
         thresh = torch.full_like(noise, 0.5) if greedy else noise  # a_t = [u_t < pi_t]
         with torch.no_grad():
             if self.cfg.gate_window == 1:
                 a = torch.sigmoid(self.rl_logits(V, None)) > thresh
             else:
-                w = self.cfg.gate_window
-                a = torch.zeros(B, L, dtype=torch.bool, device=h.device)
-                a[:, 0] = True  # forced before the loop: later logits read it
-                for t in range(1, L):  # logit t reads only actions < t, so filling left to right is exact
-                    lo = max(0, t - w + 1)  # the last w-1 actions (and t itself, still 0) are all it needs
-                    a[:, t] = torch.sigmoid(self.rl_logits(V[:, lo: t + 1], a[:, lo: t + 1])[:, -1]) > thresh[:, t]
+                a = self.sample_sequential(V, thresh)
             a[:, 0] = True  # forced: the first byte always starts a chunk (no gradient: masked below)
         logits = self.rl_logits(V, a)  # the policy that sampled a: the offset moves only after this
         logp = torch.where(a, F.logsigmoid(logits), F.logsigmoid(-logits))  # log pi(a_t), with gradient
@@ -308,7 +355,8 @@ class ChunkedByteLM(nn.Module):
         else:
             out.update(self.rule_boundaries(x, noise))
         b = out["b"]
-        idx = chunk_index(b)  # (B, M)
+        bucket = self.cfg.chunk_bucket or (64 if torch.compiler.is_compiling() else 1)  # eager gains nothing from padding
+        idx = chunk_index(b, bucket)  # (B, M)
         z = downsample(h, idx)  # (B, M, C) the encoder vectors where chunks start, no pooling
         ccos, csin = rope_angles(idx, self.head_dim)  # RoPE at byte positions: distance in bytes
         for blk in self.main:
