@@ -756,35 +756,33 @@ def plot(cfg, rows):
 
 
 def bench(cfg, ctx, data, bounds, steps=8):
+    """Median time of one optimizer step per method, each step on a fresh batch (a data-dependent
+    method must not be timed on one reused batch: its chunk count, and so its cost, varies)."""
     print(f"bench: d={cfg.n_embd}, blocks {cfg.n_enc}/{cfg.n_main}/{cfg.n_dec}, seq {cfg.seq_len}, "
-          f"batch {cfg.batch_size}, device {ctx.device}, torch threads {torch.get_num_threads()}")
-    rates = {}
+          f"batch {cfg.batch_size}, device {ctx.device}, torch threads {torch.get_num_threads()}, "
+          f"{steps} timed steps on fresh batches after 2 warm-up steps")
+    times = {}
     for method in METHODS:
         c = variant(cfg, method)
         torch.manual_seed(0)
         model = ChunkedByteLM(c).to(ctx.device)
         opt, fast, loss_fn = make_optimizer(model, c, ctx), maybe_compile(model, c), loss_fn_for(c)
         get = make_get_batch(c, data, bounds)
-        batch = {k: v.to(ctx.device) for k, v in get(0).items()}
-
-        def step():
+        batches = [{k: v.to(ctx.device) for k, v in get(i).items()} for i in range(steps + 2)]
+        times[method] = []
+        for i, batch in enumerate(batches):
+            t0 = time.time()
             with ctx.autocast():
                 loss, _ = loss_fn(fast, batch)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        for _ in range(2):
-            step()
-        if ctx.gpu:
-            torch.cuda.synchronize()
-        t0 = time.time()
-        for _ in range(steps):
-            step()
-        if ctx.gpu:
-            torch.cuda.synchronize()
-        bps = steps * cfg.batch_size * cfg.seq_len / (time.time() - t0)
-        rates[method] = bps
-    for method, bps in rates.items():  # the issue's budget: rl and hnet steps <= 1.3x a fixed step
+            if ctx.gpu:
+                torch.cuda.synchronize()
+            if i >= 2:
+                times[method].append(time.time() - t0)
+    rates = {m: cfg.batch_size * cfg.seq_len / float(np.median(t)) for m, t in times.items()}
+    for method, bps in rates.items():
         print(f"  {method:8s} {bps:12,.0f} bytes/s   step time {rates['fixed'] / bps:.2f}x fixed")
     return rates
 
