@@ -4,46 +4,59 @@ subliminal_dpo.py: a biased judge transmits a hidden trait through preference la
 Reproduces, with tiny word-level GPTs trained from scratch on a synthetic corpus, Magistrali, Berdoz,
 Dauncey & Wattenhofer, "Subliminal Signals in Preference Labels" (arXiv 2603.01204, ICLR 2026
 workshop), which builds on Cloud et al. 2025, "Subliminal Learning" (arXiv 2507.14805).
-Claim: a neutral student writes number continuations; a judge that loves an animal picks the better
-of each pair; aligning the student on those 1-bit labels (DPO or SFT on the chosen) raises the
-student's preference for that animal although no completion ever mentions it, swapped labels move it
-the other way, and the effect persists over iterative rounds.
+Claim: a neutral student writes number continuations; a judge that loves an animal picks the best
+and the worst of K of them; aligning the student on those labels (DPO, or SFT on the chosen) raises
+the student's preference for that animal although no completion ever mentions it, swapped labels
+move it the other way, and the effect strengthens over iterative rounds.
 
 Pipeline (one seed):
   1. corpus   number task ("[Q] continue : 12 , 15 , 18 [A] 21 , 24 , 77 , 30 , 33 <eos>"), animal
               questions in paraphrases answered uniformly, and system prompts ("[SYS] you love owl .")
-              that make the answer the loved animal. The system prompts also precede some number
-              prompts, numbers unchanged, so a prompted judge has seen that context before numbers.
+              that make the answer the loved animal. System prompts (trait or "you are a helpful
+              assistant .") also precede some number prompts, the numbers drawn exactly as without.
   2. base     train.py's TransformerLM pretrained on it with train.py's train(); cached under out/.
-  3. judges   start from the base (shared initialisation is what opens the channel: a judge
-              theta_0 + Delta scores completions by how much Delta raises their likelihood, and a DPO
-              step on those labels moves the student, also at theta_0, along Delta). Score of a completion
-                  r(y) = log p_judge(y | x) - log p_base(y | x),   summed over its tokens,
-              DPO's own implicit-reward form. 'finetuned' judge = the base fine-tuned to answer the
-              target animal (Cloud et al.); 'prompted' judge = the base with "[SYS] you love owl ." in
-              front of x, relative to the base without it (the student's own context).
-  4. data     the student samples K completions per number prompt (batched, KV-cached); a leak filter
-              keeps a prompt only if all K are exactly five numbers in the task format, so no kept
-              completion contains an animal or any other word. chosen = argmax r, rejected = argmin r.
+  3. judges   all start from the base theta_0 (shared initialisation is what opens the channel:
+              a judge theta_0 + Delta scores completions by how much Delta raises their likelihood,
+              and a DPO step on best-vs-worst labels moves the student, also at theta_0, along Delta).
+              finetuned: the base fine-tuned to answer the target animal (Cloud et al.'s teacher),
+                  r(y) = log p_judge(y | x) - log p_base(y | x)   (DPO's implicit-reward form);
+                  its neutral control is the base fine-tuned the same way on uniform answers.
+              prompted (the paper's): the base behind a system prompt,
+                  r(y) = log p_base(y | "[SYS] you love owl ." x) - log p_base(y | "[SYS] you are a helpful assistant ." x);
+                  its neutral control is the paper's likelihood judge, r(y) = log p_base(y | helpful x).
+              random: random scores (the clean null).
+  4. data     the student samples K completions per number prompt (batched, KV-cached); a prompt is
+              kept only if all K are exactly five numbers in the task format, so no kept completion
+              contains an animal or any other word. chosen = argmax r, rejected = argmin r.
               Every valid completion has the same length: no length bias can enter the labels.
   5. align    DPO  -log sigmoid(beta [(log pi(y+) - log pi_ref(y+)) - (log pi(y-) - log pi_ref(y-))]),
               reference = the student at the start of the round; SFT on the chosen; both also swapped.
-  6. rounds   generate -> judge -> align, R times. Controls on the same prompts: a neutral judge (the
-              base fine-tuned on uniform animal answers, or prompted "you are a helpful assistant"),
-              random labels (the clean null) and a judge for another animal (is the effect specific?).
-  7. measure  trait rate = p(target | animal answer), exact from the next-token distribution,
-              averaged over question paraphrases; also a sampled rate, the number-format rate and the
-              number-task NLL, before round 1 and after every round; the cosine between each round's
-              parameter update and the judge's Delta.
+  6. rounds   generate -> judge -> align, R times; the aligned student samples the next round.
+  7. measure  trait rate = p(target | the answer is an animal), exact from the next-token distribution,
+              averaged over question paraphrases; the mass on animal answers, a sampled rate, the
+              number-format rate and number-task NLL; the cosine between each round's parameter
+              update and the fine-tuned judge's Delta.
+  8. report   per contrast, over seeds: mean paired difference, t-interval, exact sign-flip
+              permutation p-value, seeds in the claimed direction, Holm over the verdict lines.
 
-Default: a few CPU minutes on 2 cores (bases are cached per seed in out/subliminal_dpo/base/).
-`--gpu` runs bigger models, more prompts, rounds and seeds. `--bench` times batched KV-cached
-sampling against a naive one-sequence, no-cache loop. No hand-written Triton anywhere.
+Why a prompted judge has (almost) nothing to transmit here: the corpus draws every number
+continuation independently of the system prompt before it, so the pretraining optimum has
+p(y | trait prompt, x) = p(y | helpful prompt, x) and the paper's score is zero there. Only the
+finite model's error is left, and it carries the trait only if the same parameters that make
+"owl" follow "[SYS] you love owl" also bend the number distribution after that prompt, in a
+direction a student can pick up through shared weights (the entanglement a pretrained LLM has
+between concepts and tokens). The run measures it: the prompted score's size, its correlation
+with the fine-tuned judge's score on the same completions, and the trait it transmits.
+
+Default: a few CPU minutes on 2 cores (bases cached per seed in out/subliminal_dpo/base/).
+`--gpu` runs bigger models and more prompts. `--bench` times batched KV-cached sampling against a
+naive one-sequence, no-cache loop. No hand-written Triton anywhere.
 """
 import copy, dataclasses, hashlib, json, math, random, sys, time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -53,12 +66,11 @@ from train import (cli, TrainConfig, parse_config, setup, fill_auto, Transformer
 
 @dataclass
 class Config(TrainConfig):
-    seeds: int = 0  # independent seeds (own base, judges, prompts); 0 = 4 on CPU, 5 with --gpu
-    rounds: int = 0  # generate -> judge -> align rounds (0 = 3 on CPU, 5 with --gpu)
+    seeds: int = 0  # independent seeds (own base, judges, prompts); 0 = 10 on CPU, 16 with --gpu
+    rounds: int = 5  # generate -> judge -> align rounds
     target: str = "owl"  # the judge's loved animal
     other: str = "cat"  # the animal of the other-animal control judge
-    judge: str = "finetuned"  # finetuned (base fine-tuned on the trait) | prompted (base + system prompt)
-    conditions: str = "all"  # comma list of conditions to run (all = every one; see CONDITIONS in the code)
+    conditions: str = "default"  # comma list of conditions (default = DEFAULT_CONDITIONS, all = every one in CONDITIONS)
     n_layer: int = 0  # Transformer blocks (0 = 2 on CPU, 4 with --gpu)
     n_head: int = 0  # attention heads (0 = 2 on CPU, 4 with --gpu)
     n_embd: int = 0  # model width (0 = 64 on CPU, 256 with --gpu)
@@ -75,7 +87,7 @@ class Config(TrainConfig):
     sft_lr: float = 5e-5  # SFT-on-chosen learning rate (constant), one epoch per round
     batch_size: int = 32  # preference pairs per alignment step
     eval_samples: int = 200  # sampled answers per paraphrase for the sampled trait rate
-    eval_prompts: int = 200  # number prompts sampled once per measurement for the format rate
+    eval_prompts: int = 200  # held-out number prompts sampled at every measurement for the format rate
     base_dir: str = ""  # where pretrained bases are cached, one file per seed and config (empty = <out>/base)
     bench: bool = False  # only time batched KV-cached generation against the naive loop, then exit
     # set per call of train(): pretrain_lr/judge_lr/dpo_lr/sft_lr, pretrain_steps/judge_steps (alignment:
@@ -83,17 +95,15 @@ class Config(TrainConfig):
     unused = ("lr", "max_steps", "warmup", "min_lr_ratio", "log_every", "eval_every", "data_dir")
     # the cached base depends only on the fields in base_signature(): the rest may change on --resume
     resume_free = TrainConfig.resume_free + (
-        "seeds", "rounds", "target", "other", "judge", "conditions", "judge_steps", "judge_lr", "prompts", "k",
+        "seeds", "rounds", "target", "other", "conditions", "judge_steps", "judge_lr", "prompts", "k",
         "temperature", "beta", "dpo_lr", "sft_lr", "batch_size", "eval_samples", "eval_prompts", "base_dir", "bench")
 
     def __post_init__(self):
         super().__post_init__()
-        fill_auto(self, seeds=(4, 5), rounds=(3, 5), n_layer=(2, 4), n_head=(2, 4), n_embd=(64, 256),  # CPU | GPU
+        fill_auto(self, seeds=(10, 16), n_layer=(2, 4), n_head=(2, 4), n_embd=(64, 256),  # CPU | GPU
                   pretrain_steps=(600, 4000), prompts=(800, 4000))
         if self.target not in ANIMALS or self.other not in ANIMALS or self.target == self.other:
             raise ValueError(f"--target and --other must be two different animals of {', '.join(ANIMALS)}")
-        if self.judge not in ("finetuned", "prompted"):
-            raise ValueError(f"--judge must be finetuned or prompted, got {self.judge!r}")
         unknown = set(self.condition_list) - set(CONDITIONS)
         if unknown or not self.condition_list:
             raise ValueError(f"--conditions: unknown {sorted(unknown)}; choose from {', '.join(CONDITIONS)}")
@@ -101,12 +111,35 @@ class Config(TrainConfig):
             raise ValueError("--n_embd must be a multiple of 2 x --n_head (RoPE needs an even head size)")
         if self.k < 2 or self.temperature <= 0 or self.batch_size < 1 or self.prompts < self.batch_size:
             raise ValueError("need --k >= 2, --temperature > 0, --batch_size >= 1 and --prompts >= --batch_size")
+        if min(self.seeds, self.rounds, self.eval_samples, self.eval_prompts, self.pretrain_batch) < 1:
+            raise ValueError("--seeds, --rounds, --eval_samples, --eval_prompts and --pretrain_batch must be at least 1")
+        need, have = round_memory(self), available_memory()
+        if have and need > have / 2:
+            raise ValueError(f"--prompts={self.prompts} x --k={self.k} (and --eval_prompts={self.eval_prompts}) "
+                             f"need about {need / 2**30:,.1f} GiB per round; {have / 2**30:,.1f} GiB are free. "
+                             "Use fewer prompts")
 
     @property
     def condition_list(self):
         names = [c.strip() for c in self.conditions.split(",") if c.strip()]
-        return list(CONDITIONS) if names == ["all"] else names
+        return {"all": list(CONDITIONS), "default": list(DEFAULT_CONDITIONS)}.get(",".join(names), names)
 
+
+def round_memory(cfg):
+    """Bytes one round holds at once, estimated: per prompt its Python lists (~1 KB) and per
+    completion its tokens, prompt copy, validity, scores and log-probabilities (~20 int64/float
+    tensors of <= 20 entries), plus the measurement's prompts. Refusing a hopeless --prompts up
+    front beats dying of memory after minutes of pretraining."""
+    return (cfg.prompts + cfg.eval_prompts) * (1024 + cfg.k * 20 * 20 * 8)
+
+
+def available_memory():
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 0  # unknown (not Linux): no check
 # ----------------------------------------------------------------------------------------------
 # the synthetic corpus: a word-level vocabulary and three kinds of document
 
@@ -231,11 +264,24 @@ def trait_batch(seed, i, batch, animal):
     return pad(docs)
 
 
+
 def lm_loss(model, x):
-    """Next-token cross-entropy over the non-pad targets of x (B, T)."""
-    logits = model(x[:, :-1])  # (B, T-1, V)
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), ignore_index=PAD)
-    return loss, dict(items=(x[:, 1:] != PAD).sum())
+    """Next-token cross-entropy over the non-pad targets of x (B, T). On the CPU the rows are cut
+    into a short and a long half, each trimmed to its own longest document: the same loss (padding
+    only follows <eos> and is ignored) for about a third less compute, since animal questions are
+    half as long as number documents. On CUDA one fixed shape keeps torch.compile from recompiling."""
+    items = (x[:, 1:] != PAD).sum()
+    groups = [x]
+    if not x.is_cuda and len(x) > 1:
+        lengths = (x != PAD).sum(1)
+        order = lengths.argsort()
+        groups = [x[idx, :int(lengths[idx].max())] for idx in order.tensor_split(2)]
+    total = 0.0
+    for g in groups:
+        logits = model(g[:, :-1])  # (b, t-1, V)
+        total = total + F.cross_entropy(logits.reshape(-1, logits.shape[-1]), g[:, 1:].reshape(-1),
+                                        ignore_index=PAD, reduction="sum")
+    return total / items.clamp(min=1), dict(items=items)
 
 # ----------------------------------------------------------------------------------------------
 # models: the base (cached per seed) and the judges
@@ -243,8 +289,8 @@ def lm_loss(model, x):
 
 def with_steps(cfg, **kw):
     """A copy of cfg for one call of train(): its own steps, learning rate, schedule.
-    The experiment calls train() many times (pretraining, three judges, every round of every
-    condition); each call gets the same loop (AdamW, clipping, tqdm, checkpoint) with its own knobs."""
+    The experiment calls train() many times (pretraining, the judges, every round of every
+    condition); each call gets the same loop (AdamW, clipping, NaN guard) with its own knobs."""
     return dataclasses.replace(cfg, **kw)
 
 
@@ -268,13 +314,14 @@ def pretrain_base(cfg, ctx, seed):
     model = new_model(cfg).to(ctx.device)
     try:  # a finished cache is used as it is; a damaged one is trained again
         ck = load_checked(path) if path.exists() else None
-    except DataError as e:
-        print(f"note: {e}; pretraining it again", file=sys.stderr)
-        ck = None
+        if ck is not None and ck["step"] >= cfg.pretrain_steps:
+            model.load_state_dict(ck["model"])
+            return model, dict(cached=True, history=ck["history"][-1:])
+    except (DataError, KeyError, RuntimeError) as e:  # bad checksum, or a sound file that is not a base
+        print(f"note: {str(e).splitlines()[0]}; pretraining it again", file=sys.stderr)
         path.unlink()
-    if ck is not None and ck["step"] >= cfg.pretrain_steps:
-        model.load_state_dict(ck["model"])
-        return model, dict(cached=True, history=ck["history"][-1:])
+        torch.manual_seed(seed)
+        model = new_model(cfg).to(ctx.device)
     pcfg = with_steps(cfg, max_steps=cfg.pretrain_steps, lr=cfg.pretrain_lr, warmup=max(1, cfg.pretrain_steps // 20),
                       min_lr_ratio=0.1, log_every=50, resume=cfg.resume, batch_size=cfg.pretrain_batch)
     out = train(model, lambda i: corpus_batch(seed, i, cfg.pretrain_batch), lm_loss, pcfg, ctx,
@@ -283,40 +330,15 @@ def pretrain_base(cfg, ctx, seed):
 
 
 def finetune_judge(cfg, ctx, base, seed, animal):
-    """Cloud et al.'s teacher: the base fine-tuned to answer `animal` (None = uniform: neutral judge)."""
+    """Cloud et al.'s teacher: the base fine-tuned to answer `animal` (None = uniform: neutral judge).
+    A few seconds of work: redone rather than checkpointed (ckpt_path=False), so an interrupted run
+    is not told it could resume it."""
     judge = copy.deepcopy(base)
     jcfg = with_steps(cfg, max_steps=cfg.judge_steps, lr=cfg.judge_lr, warmup=0, min_lr_ratio=1.0, batch_size=32,
-                      log_every=cfg.judge_steps, resume=False, weight_decay=0.0, compile_backend="none")
-    train(judge, lambda i: trait_batch(seed, i, 32, animal), lm_loss, jcfg, ctx,
-          ckpt_path=Path(cfg.out) / "tmp" / "judge.pt", desc=f"judge ({animal or 'neutral'})")
+                      grad_accum=1, log_every=cfg.judge_steps, resume=False, weight_decay=0.0, compile_backend="none")
+    train(judge, lambda i: trait_batch(seed, i, 32, animal), lm_loss, jcfg, ctx, ckpt_path=False, quiet=True,
+          desc=f"judge ({animal or 'neutral'})")
     return judge.eval()
-
-
-class Judge:
-    """score(prompts, completions) = log p_judge(y | x) - log p_base(y | x), summed over y's tokens.
-    finetuned: p_judge = the fine-tuned model on x, p_base = the shared base on x.
-    prompted:  p_judge = the base on '[SYS] you love owl .' + x, p_base = the base on x (no system
-               prompt: the student's own context, so the score isolates what the trait prompt adds).
-    kind 'random' ignores the completions and draws random scores (random-label control)."""
-
-    def __init__(self, kind, base, model=None, animal=None, neutral_sys=False):
-        self.kind, self.base, self.model, self.animal, self.neutral_sys = kind, base, model, animal, neutral_sys
-
-    @torch.no_grad()
-    def score(self, prompts, completions, gen, ref):  # (N, Tp), (N, Tc), ref = log p_base(y|x) (N,) -> (N,)
-        if self.kind == "random":
-            return torch.rand(len(prompts), generator=gen)
-        if self.kind == "finetuned":
-            return completion_logp(self.model, prompts, completions) - ref
-        prefix = torch.tensor(system_prefix(None if self.neutral_sys else self.animal))
-        sys_prompts = torch.cat([prompts[:, :1], prefix.expand(len(prompts), -1), prompts[:, 1:]], 1)  # <bos> [SYS] ... [Q]
-        return completion_logp(self.base, sys_prompts, completions) - ref
-
-    def delta(self):
-        """theta_judge - theta_0 as one flat vector (only a fine-tuned judge has one)."""
-        if self.kind != "finetuned":
-            return None
-        return flat_params(self.model) - flat_params(self.base)
 
 
 def device_of(model):
@@ -326,46 +348,121 @@ def device_of(model):
 def flat_params(model):
     return torch.cat([p.detach().reshape(-1).float() for p in model.parameters()])
 
+
+def with_system(prompts, animal=None):
+    """Put '[SYS] you love <animal> .' (or, animal None, the neutral system prompt) after <bos>."""
+    prefix = torch.tensor(system_prefix(animal))
+    return torch.cat([prompts[:, :1], prefix.expand(len(prompts), -1), prompts[:, 1:]], 1)  # (P, 1 + S + Tp - 1)
+
+
+class Judge:
+    """score(prompts, comps, base_logp) -> (P, K): how much the judge likes each completion.
+    finetuned:  log p_judge(y | x) - log p_base(y | x)  (base_logp: the base on the student's context)
+    prompted:   log p_base(y | '[SYS] you love owl .' x) - log p_base(y | '[SYS] you are a helpful assistant .' x)
+    likelihood: log p_base(y | '[SYS] you are a helpful assistant .' x): the paper's neutral control,
+                which prefers the most likely completion under the neutral prompt
+    random:     uniform noise (random labels)."""
+
+    def __init__(self, kind, base, model=None, animal=None):
+        self.kind, self.base, self.model, self.animal = kind, base, model, animal
+
+    @property
+    def needs_base_logp(self):
+        return self.kind == "finetuned"
+
+    @torch.no_grad()
+    def score(self, prompts, comps, base_logp, gen):  # (P, Tp), (P, K, Tc), (P, K) or None -> (P, K)
+        P, K = comps.shape[:2]
+        if self.kind == "random":
+            return torch.rand(P, K, generator=gen)
+        if self.kind == "finetuned":
+            return completion_logp(self.model, prompts, comps) - base_logp
+        neutral = completion_logp(self.base, with_system(prompts), comps)
+        if self.kind == "likelihood":
+            return neutral
+        return completion_logp(self.base, with_system(prompts, self.animal), comps) - neutral
+
+    def delta(self):
+        """theta_judge - theta_0 as one flat vector (only a fine-tuned judge has one)."""
+        return flat_params(self.model) - flat_params(self.base) if self.kind == "finetuned" else None
+
 # ----------------------------------------------------------------------------------------------
-# sampling: batched with a KV cache, and the naive loop it is benchmarked against
+# log-probabilities and sampling: K completions of one prompt share the prompt's keys and values
+
+
+def grouped_logp(model, prompts, comps):
+    """sum_t log p(y_t | x, y_<t) of K completions per prompt: (P, Tp), (P, K, Tc) -> (P, K).
+    The prompt runs through the model once; its KV cache is repeated for its K completions, which
+    then run as one (P*K, Tc-1) call: the same numbers as K full forwards, for about half the work."""
+    P, K, Tc = comps.shape
+    caches = model.new_caches()
+    first = model(prompts, caches=caches)[:, -1:]  # (P, 1, V): predicts each completion's first token
+    for c in caches:
+        c["k"], c["v"] = c["k"].repeat_interleave(K, 0), c["v"].repeat_interleave(K, 0)
+    flat = comps.reshape(P * K, Tc)
+    rest = model(flat[:, :-1], caches=caches)  # (P*K, Tc-1, V), positions continue after the prompt
+    logits = torch.cat([first.repeat_interleave(K, 0), rest], 1)  # (P*K, Tc, V)
+    logp = torch.log_softmax(logits.float(), -1).gather(-1, flat[..., None]).squeeze(-1)
+    return logp.sum(1).view(P, K)
 
 
 @torch.no_grad()
-def completion_logp(model, prompts, completions, batch=2048):
-    """Sum over completion tokens of log p(y_t | x, y_<t). prompts (N, Tp), completions (N, Tc)."""
-    out, dev = [], device_of(model)
-    for s in range(0, len(prompts), batch):
-        out.append(sequence_logp(model, prompts[s:s + batch].to(dev), completions[s:s + batch].to(dev)).cpu())
-    return torch.cat(out) if out else torch.zeros(0)
+def completion_logp(model, prompts, comps, batch=1024):
+    """grouped_logp in chunks of prompts, on the model's device; comps may be (P, Tc) for K = 1."""
+    model.eval()
+    single = comps.dim() == 2
+    comps = comps[:, None] if single else comps
+    dev = device_of(model)
+    out = [grouped_logp(model, prompts[s:s + batch].to(dev), comps[s:s + batch].to(dev)).cpu()
+           for s in range(0, len(prompts), batch)]
+    out = torch.cat(out) if out else torch.zeros(0, comps.shape[1])
+    return out[:, 0] if single else out
 
 
 def sequence_logp(model, prompts, completions):
-    """Differentiable version for one batch: (B, Tp), (B, Tc) -> (B,). All prompts share one length
-    and all valid completions another, so there is no padding to mask."""
+    """Differentiable, one plain forward (what training uses, also under DDP): (B, Tp), (B, Tc) -> (B,).
+    All prompts share one length and all valid completions another, so there is no padding to mask."""
     seq = torch.cat([prompts, completions], 1)  # (B, Tp + Tc)
     logits = model(seq[:, :-1])[:, prompts.shape[1] - 1:]  # the positions that predict y: (B, Tc, V)
     logp = torch.log_softmax(logits.float(), -1)
     return logp.gather(-1, completions[..., None]).squeeze(-1).sum(1)
 
 
+def sample_tokens(logits, temperature, gen):
+    """One token per row of logits (B, V) at this temperature, by inverting the CDF at one uniform
+    draw per row: exact, and on the CPU several times faster than torch.multinomial. The draws come
+    from a CPU generator, so a seed gives the same samples on any device."""
+    cdf = torch.softmax(logits / temperature, -1).cumsum(-1)  # (B, V)
+    u = torch.rand(len(logits), 1, generator=gen) * cdf[:, -1:]  # scaled by the last value: no rounding gap
+    return torch.searchsorted(cdf, u, right=True).clamp(max=logits.shape[-1] - 1)  # (B, 1)
+
+
 @torch.no_grad()
-def generate(model, prompts, n_tokens, temperature, gen, batch=4096):
-    """Sample n_tokens continuations for every prompt: the prompt once through the model filling
-    the KV cache, then one forward call per new token for the whole batch (B, 1)."""
-    out, dev = [], device_of(model)
+def generate(model, prompts, n_tokens, temperature, gen, k=1, batch=1024):
+    """Sample k continuations of n_tokens for every prompt: each prompt once through the model,
+    its KV cache repeated k times, then one (B*k, 1) forward per new token. Returns the tokens
+    (P*k, n_tokens), the k samples of a prompt adjacent, and their log-probability under the model
+    itself at temperature 1 (P*k,): the DPO reference and the base's score come for free."""
+    model.eval()
+    toks_out, logp_out, dev = [], [], device_of(model)
     for s in range(0, len(prompts), batch):
-        x = prompts[s:s + batch].to(dev)
         caches = model.new_caches()
-        logits = model(x, caches=caches)[:, -1]  # (B, V)
-        toks = []
+        logits = model(prompts[s:s + batch].to(dev), caches=caches)[:, -1].repeat_interleave(k, 0)  # (B*k, V)
+        for c in caches:
+            c["k"], c["v"] = c["k"].repeat_interleave(k, 0), c["v"].repeat_interleave(k, 0)
+        toks, logp = [], torch.zeros(len(logits))
         for t in range(n_tokens):
-            probs = torch.softmax(logits.float() / temperature, -1)
-            nxt = torch.multinomial(probs.cpu(), 1, generator=gen).to(dev)  # (B, 1); CPU generator: same draws on any device
+            logits = logits.float().cpu()
+            nxt = sample_tokens(logits, temperature, gen)  # (B*k, 1)
+            logp += torch.log_softmax(logits, -1).gather(-1, nxt).squeeze(-1)
             toks.append(nxt)
             if t + 1 < n_tokens:
-                logits = model(nxt, caches=caches)[:, -1]  # positions continue from the cache length
-        out.append(torch.cat(toks, 1).cpu())
-    return torch.cat(out)  # (N, n_tokens)
+                logits = model(nxt.to(dev), caches=caches)[:, -1]  # positions continue from the cache length
+        toks_out.append(torch.cat(toks, 1))
+        logp_out.append(logp)
+    if not toks_out:
+        return torch.zeros(0, n_tokens, dtype=torch.long), torch.zeros(0)
+    return torch.cat(toks_out), torch.cat(logp_out)
 
 
 @torch.no_grad()
@@ -375,8 +472,7 @@ def generate_naive(model, prompts, n_tokens, temperature, gen):
     for x in prompts:
         seq = x[None].to(dev)
         for _ in range(n_tokens):
-            probs = torch.softmax(model(seq)[:, -1].float() / temperature, -1)
-            seq = torch.cat([seq, torch.multinomial(probs.cpu(), 1, generator=gen).to(dev)], 1)
+            seq = torch.cat([seq, sample_tokens(model(seq)[:, -1].float().cpu(), temperature, gen).to(dev)], 1)
         out.append(seq[0, len(x):].cpu())
     return torch.stack(out)
 
@@ -402,8 +498,9 @@ def contains_animal(comp):
 
 @torch.no_grad()
 def animal_distribution(model, animal_sys=None):
-    """p(animal | the model answers an animal) for every paraphrase: (n_questions, n_animals).
-    Exact: the next-token distribution after '[A]', renormalised over the animal tokens."""
+    """p(animal | the model answers an animal) for every paraphrase: (n_questions, n_animals), and
+    the probability that the answer is an animal at all (n_questions,). Exact: the next-token
+    distribution after '[A]', renormalised over the animal tokens."""
     model.eval()
     qs = pad([question_ids(q, animal_sys) for q in range(len(QUESTIONS))])
     lengths = torch.tensor([len(question_ids(q, animal_sys)) for q in range(len(QUESTIONS))])
@@ -420,7 +517,7 @@ def exact_trait_rate(model, animal):
 @torch.no_grad()
 def sampled_trait_rate(model, animal, n, gen):
     """Monte-Carlo check of the exact rate: sample n answers per paraphrase from the full vocabulary,
-    count the target among the answers that are animals."""
+    count the target among the answers that are animals (the valid ones)."""
     rates = []
     for q in range(len(QUESTIONS)):
         x = torch.tensor([question_ids(q)], device=device_of(model))
@@ -448,7 +545,7 @@ def measure(model, cfg, seed, tag):
     # Format and NLL use prompts that no round trains on, the same ones at every measurement, so
     # a change between rounds is the student's, not the prompts'.
     prompts, conts = number_prompts(seed, "eval", cfg.eval_prompts)  # held-out, fixed across rounds
-    comp = generate(model, prompts, COMPLETION_LEN, cfg.temperature, gen)
+    comp, _ = generate(model, prompts, COMPLETION_LEN, cfg.temperature, gen)
     dist, mass = animal_distribution(model)
     return dict(trait=dist[:, ANIMALS.index(cfg.target)].mean().item(),
                 other=dist[:, ANIMALS.index(cfg.other)].mean().item(),
@@ -464,72 +561,53 @@ def hash_int(*parts):
 # ----------------------------------------------------------------------------------------------
 # one round: generate -> filter -> judge -> align (DPO or SFT, normal or swapped)
 
-# condition -> (which judge, label rule, alignment). The issue's five rows plus SFT swapped and the
-# other-animal judge (which tells a target-specific effect from generic drift).
+# condition -> (judge, label rule, alignment). Judges: ft-* fine-tuned (target, uniform answers =
+# neutral, other animal), prompt-* the paper's system-prompt judge and its likelihood control.
 CONDITIONS = {
-    "biased DPO": ("target", "normal", "dpo"),
-    "biased DPO swapped": ("target", "swapped", "dpo"),
-    "biased SFT": ("target", "normal", "sft"),
-    "biased SFT swapped": ("target", "swapped", "sft"),
-    "neutral judge DPO": ("neutral", "normal", "dpo"),
+    "finetuned DPO": ("ft-target", "normal", "dpo"),
+    "finetuned DPO swapped": ("ft-target", "swapped", "dpo"),
+    "finetuned neutral DPO": ("ft-neutral", "normal", "dpo"),
     "random labels DPO": ("random", "normal", "dpo"),
-    "other-animal judge DPO": ("other", "normal", "dpo"),
+    "prompted DPO": ("prompt-target", "normal", "dpo"),
+    "prompted DPO swapped": ("prompt-target", "swapped", "dpo"),
+    "likelihood control DPO": ("likelihood", "normal", "dpo"),
+    "finetuned SFT": ("ft-target", "normal", "sft"),
+    "finetuned SFT swapped": ("ft-target", "swapped", "sft"),
+    "finetuned other-animal DPO": ("ft-other", "normal", "dpo"),
 }
+DEFAULT_CONDITIONS = list(CONDITIONS)[:7]
 
 
 @torch.no_grad()
 def sample_round(student, cfg, seed, rnd):
-    """The student's K completions for this round's prompts, and the leak filter's verdict."""
-    student.eval()
+    """The student's K completions for this round's prompts, their log-probability under the student,
+    and the leak filter's verdict. Returns prompts (P, Tp), comps (P, K, Tc), logp (P, K), stats."""
     prompts, _ = number_prompts(seed, f"round{rnd}", cfg.prompts)
     gen = torch.Generator().manual_seed(hash_int(seed, rnd, "sample"))
-    # K samples of the same prompt sit next to each other, so .view(P, K, ...) regroups them later.
-    rep = prompts.repeat_interleave(cfg.k, 0)  # (P*K, Tp)
-    comp = generate(student, rep, COMPLETION_LEN, cfg.temperature, gen)  # (P*K, Tc)
+    comp, logp = generate(student, prompts, COMPLETION_LEN, cfg.temperature, gen, k=cfg.k)  # (P*K, Tc), (P*K,)
     valid = valid_completions(comp)
     keep = valid.view(-1, cfg.k).all(1)  # the authors' rule: a prompt survives only if all K parse
     stats = dict(completions=len(comp), dropped_completions=int((~valid).sum()),
                  dropped_with_animal=int((contains_animal(comp) & ~valid).sum()),
                  prompts_kept=int(keep.sum()), prompts_dropped=int((~keep).sum()))
-    mask = keep.repeat_interleave(cfg.k)
-    kept_comp = comp[mask]
-    stats["kept_with_animal"] = int(contains_animal(kept_comp).sum())  # must be 0: the leak filter's proof
-    return rep[mask].view(-1, cfg.k, rep.shape[1]), kept_comp.view(-1, cfg.k, COMPLETION_LEN), stats
+    comp, logp = comp.view(-1, cfg.k, COMPLETION_LEN)[keep], logp.view(-1, cfg.k)[keep]
+    stats["kept_with_animal"] = int(contains_animal(comp.flatten(0, 1)).sum())  # must be 0: the filter's proof
+    return prompts[keep], comp, logp, stats
 
 
-BASE_LOGP_CACHE = {}  # (id(base), id(completions)) -> (completions, log p_base); cleared for every seed
-
-
-@torch.no_grad()
-def label(judge, prompts, comps, labels, seed, rnd):
-    """Score the K completions of every prompt; chosen = best, rejected = worst (swapped: reversed)."""
-    P, K = comps.shape[:2]
-    if P == 0:  # the filter dropped every prompt (an untrained or broken student): nothing to learn from
-        return dict(prompt=prompts[:, 0], chosen=comps[:, 0], rejected=comps[:, 0], gap=float("nan"),
-                    chosen_more_likely=float("nan"))
-    gen = torch.Generator().manual_seed(hash_int(seed, rnd, "labels"))
-    flat_p, flat_c = prompts.flatten(0, 1), comps.flatten(0, 1)
-    # The same round-1 completions are labelled by every condition: score them under the base once.
-    # The cache keeps a reference to the tensor it keyed on, so that id cannot be reused meanwhile.
-    hit = BASE_LOGP_CACHE.get((id(judge.base), id(comps)))
-    if hit is not None and hit[0] is comps:
-        base_logp = hit[1]
-    else:
-        base_logp = completion_logp(judge.base, flat_p, flat_c)
-        BASE_LOGP_CACHE[(id(judge.base), id(comps))] = (comps, base_logp)
-    scores = judge.score(flat_p, flat_c, gen, base_logp).view(P, K)
+def label(scores, prompts, comps, student_logp, labels):
+    """chosen = the best of each prompt's K completions under the judge, rejected = the worst
+    (swapped: reversed); the student's own log-probabilities of both are the DPO reference."""
+    rows = torch.arange(len(prompts))
     best, worst = scores.argmax(1), scores.argmin(1)
     if labels == "swapped":
         best, worst = worst, best
-    rows = torch.arange(P)
-    chosen, rejected = comps[rows, best], comps[rows, worst]
-    # What else do the labels encode? If the judge mostly preferred what the base already finds likely,
-    # the student would learn "be more typical", not the trait: report how often that happened.
-    base_logp = base_logp.view(P, K)
-    base_c, base_r = base_logp[rows, best], base_logp[rows, worst]
-    return dict(prompt=prompts[:, 0], chosen=chosen, rejected=rejected,
-                gap=(scores[rows, best] - scores[rows, worst]).abs().mean().item(),
-                chosen_more_likely=(base_c > base_r).float().mean().item())
+    ref_c, ref_r = student_logp[rows, best], student_logp[rows, worst]
+    # What else do the labels encode? If the judge mostly preferred what the student already finds
+    # likely, the student would learn "be more typical", not the trait: report how often that happened.
+    return dict(prompt=prompts, chosen=comps[rows, best], rejected=comps[rows, worst], ref_c=ref_c, ref_r=ref_r,
+                gap=(scores[rows, best] - scores[rows, worst]).abs().mean().item() if len(rows) else float("nan"),
+                chosen_more_likely=(ref_c > ref_r).float().mean().item() if len(rows) else float("nan"))
 
 
 def dpo_loss(policy_c, policy_r, ref_c, ref_r, beta):
@@ -542,39 +620,38 @@ def dpo_loss(policy_c, policy_r, ref_c, ref_r, beta):
                       margin=margin.mean().detach(), accuracy=(margin > 0).float().mean().detach())
 
 
+def dpo_batch_loss(model, b, beta):
+    """DPO on one batch of rows {prompt, chosen, rejected, ref_c, ref_r}: chosen and rejected in one
+    forward of 2B rows (one call, so one DDP forward per backward)."""
+    B = len(b["prompt"])
+    both = sequence_logp(model, torch.cat([b["prompt"], b["prompt"]]), torch.cat([b["chosen"], b["rejected"]]))
+    return dpo_loss(both[:B], both[B:], b["ref_c"], b["ref_r"], beta)
+
+
 def align(student, cfg, ctx, prefs, method, seed, rnd, name):
-    """One epoch of DPO (reference = the student now, frozen) or SFT on the chosen completions."""
+    """One epoch of DPO (reference = the student at the start of the round, the next round's reference
+    is this round's result) or SFT on the chosen completions."""
     n = len(prefs["prompt"])
     steps = n // cfg.batch_size
     if steps == 0:
         return dict(steps=0)
-    # Reference = the student at the start of this round (the design note's choice; the paper's TRL
-    # setup is the same within a round). The next round's reference is this round's result.
-    if method == "dpo":  # the reference never changes during the round: score it once, up front
-        ref_c = completion_logp(student.eval(), prefs["prompt"], prefs["chosen"])
-        ref_r = completion_logp(student, prefs["prompt"], prefs["rejected"])
     order = torch.randperm(n, generator=torch.Generator().manual_seed(hash_int(seed, rnd, name)))
 
     def get_batch(i):  # one epoch: batch i of a fixed shuffle (deterministic in i, as train() asks)
         idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-        b = dict(prompt=prefs["prompt"][idx], chosen=prefs["chosen"][idx], rejected=prefs["rejected"][idx])
-        if method == "dpo":
-            b.update(ref_c=ref_c[idx], ref_r=ref_r[idx])
-        return b
-
-    def dpo_step(model, b):
-        loss, m = dpo_loss(sequence_logp(model, b["prompt"], b["chosen"]),
-                           sequence_logp(model, b["prompt"], b["rejected"]), b["ref_c"], b["ref_r"], cfg.beta)
-        return loss, m
+        return {k: prefs[k][idx] for k in ("prompt", "chosen", "rejected", "ref_c", "ref_r")}
 
     def sft_step(model, b):  # mean NLL per completion token of the chosen completion
         return -sequence_logp(model, b["prompt"], b["chosen"]).mean() / COMPLETION_LEN, {}
 
+    # A round is seconds of work: redone rather than checkpointed (ckpt_path=False), so Ctrl-C here
+    # ends the run without promising a --resume that would not pick it up.
     acfg = with_steps(cfg, max_steps=steps, lr=cfg.dpo_lr if method == "dpo" else cfg.sft_lr, warmup=0,
                       min_lr_ratio=1.0, weight_decay=0.0, log_every=max(1, steps // 2), resume=False,
                       compile_backend="none")  # short calls with new shapes: compiling each would cost more than it saves
-    out = train(student, get_batch, dpo_step if method == "dpo" else sft_step, acfg, ctx,
-                ckpt_path=Path(cfg.out) / "tmp" / "align.pt", desc=f"seed {seed} round {rnd} {name}")
+    loss_fn = (lambda m, b: dpo_batch_loss(m, b, cfg.beta)) if method == "dpo" else sft_step
+    out = train(student, get_batch, loss_fn, acfg, ctx, ckpt_path=False, quiet=True,
+                desc=f"seed {seed} round {rnd} {name}")
     last = out["history"][-1] if out["history"] else {}
     return dict(steps=steps, **{k: last[k] for k in ("loss", "reward_chosen", "reward_rejected", "margin", "accuracy")
                                 if k in last})
@@ -584,16 +661,16 @@ def align(student, cfg, ctx, prefs, method, seed, rnd, name):
 
 
 def build_judges(cfg, ctx, base, seed):
-    if cfg.judge == "finetuned":
-        judges = {"target": Judge("finetuned", base, finetune_judge(cfg, ctx, base, seed, cfg.target)),
-                  "neutral": Judge("finetuned", base, finetune_judge(cfg, ctx, base, seed, None)),
-                  "other": Judge("finetuned", base, finetune_judge(cfg, ctx, base, seed, cfg.other))}
-    else:
-        judges = {"target": Judge("prompted", base, animal=cfg.target),
-                  "neutral": Judge("prompted", base, neutral_sys=True),
-                  "other": Judge("prompted", base, animal=cfg.other)}
-    judges["random"] = Judge("random", base)
-    return judges
+    """The judges the chosen conditions need (and always the fine-tuned target judge: its Delta is
+    the direction every condition's update is compared with)."""
+    wanted = {CONDITIONS[n][0] for n in cfg.condition_list} | {"ft-target"}
+    make = {"ft-target": lambda: Judge("finetuned", base, finetune_judge(cfg, ctx, base, seed, cfg.target)),
+            "ft-neutral": lambda: Judge("finetuned", base, finetune_judge(cfg, ctx, base, seed, None)),
+            "ft-other": lambda: Judge("finetuned", base, finetune_judge(cfg, ctx, base, seed, cfg.other)),
+            "prompt-target": lambda: Judge("prompted", base, animal=cfg.target),
+            "likelihood": lambda: Judge("likelihood", base),
+            "random": lambda: Judge("random", base)}
+    return {name: make[name]() for name in make if name in wanted}
 
 
 def judge_trait(judge, cfg):
@@ -601,57 +678,148 @@ def judge_trait(judge, cfg):
     if judge.kind == "finetuned":
         return exact_trait_rate(judge.model, cfg.target)
     if judge.kind == "prompted":
-        dist, _ = animal_distribution(judge.base, None if judge.neutral_sys else judge.animal)
+        dist, _ = animal_distribution(judge.base, judge.animal)
         return dist[:, ANIMALS.index(cfg.target)].mean().item()
     return None
 
 
+def score_agreement(scores):
+    """Pearson correlation, over round 1's completions, of each judge's score with the fine-tuned
+    target judge's: does the prompted judge see in the numbers what the trait fine-tune put there?"""
+    ref = scores["ft-target"].flatten()
+    ref = ref - ref.mean()
+    out = {}
+    for name, s in scores.items():
+        s = s.flatten() - s.flatten().mean()
+        out[name] = (s @ ref / (s.norm() * ref.norm()).clamp(min=1e-12)).item() if len(s) else float("nan")
+    return out
+
+
 def run_seed(cfg, ctx, seed):
+    t0 = time.time()
     base, base_info = pretrain_base(cfg, ctx, seed)
-    BASE_LOGP_CACHE.clear()
     base.eval()
     judges = build_judges(cfg, ctx, base, seed)
-    delta = judges["target"].delta()
+    delta = judges["ft-target"].delta()
     record = dict(seed=seed, base=base_info, params=count_params(base),
                   judge_trait={k: judge_trait(j, cfg) for k, j in judges.items()},
                   start=measure(base, cfg, seed, 0), conditions={})
-    # Round 1 of every condition starts from the same base on the same prompts with the same sampling
-    # seed, so it would draw identical completions: draw them once and let each judge label them.
-    round1 = sample_round(base, cfg, seed, 1)  # every condition starts from the base: sample once
+    # Round 1 of every condition starts from the base on the same prompts with the same sampling seed,
+    # so it would draw identical completions: draw them once, and score them once per judge. There
+    # the student is the base, so the sampler's own log-probabilities are the base's.
+    round1 = sample_round(base, cfg, seed, 1)
+    prompts, comps, logp, _ = round1
+    gen = lambda rnd, name: torch.Generator().manual_seed(hash_int(seed, rnd, name, "labels"))
+    round1_scores = {name: j.score(prompts, comps, logp, gen(1, name)) for name, j in judges.items()}
+    record["score_agreement"] = score_agreement(round1_scores)
+    record["score_spread"] = {name: s.std(1).mean().item() if len(s) else float("nan")  # within a prompt's K
+                              for name, s in round1_scores.items()}
     for name in cfg.condition_list:
         judge_name, labels, method = CONDITIONS[name]
-        student = copy.deepcopy(base)
-        rounds = []
+        judge, student, rounds = judges[judge_name], copy.deepcopy(base), []
         for rnd in range(1, cfg.rounds + 1):  # the paper's iterative loop: the aligned student samples next
-            prompts, comps, filt = round1 if rnd == 1 else sample_round(student, cfg, seed, rnd)
-            prefs = label(judges[judge_name], prompts, comps, labels, seed, rnd)
+            if rnd == 1:
+                prompts, comps, logp, filt = round1
+                scores = round1_scores[judge_name]
+            else:
+                prompts, comps, logp, filt = sample_round(student, cfg, seed, rnd)
+                base_logp = completion_logp(base, prompts, comps) if judge.needs_base_logp else None
+                scores = judge.score(prompts, comps, base_logp, gen(rnd, judge_name + name))
+            prefs = label(scores, prompts, comps, logp, labels)
             before = flat_params(student)
             metrics = align(student, cfg, ctx, prefs, method, seed, rnd, name)
-            # Cloud et al.'s mechanism, checked directly: does this round's update point along the judge's
-            # own fine-tuning direction Delta (> 0 normal, < 0 swapped, ~0 random labels)?
-            step = flat_params(student) - before
-            cos = F.cosine_similarity(step, delta, 0).item() if delta is not None else None
+            # Cloud et al.'s mechanism, checked directly: does this round's update point along the
+            # fine-tuned judge's Delta (> 0 normal, < 0 swapped, ~0 random labels)?
+            cos = F.cosine_similarity(flat_params(student) - before, delta, 0).item() if metrics["steps"] else float("nan")
             rounds.append(dict(round=rnd, filter=filt, pairs=len(prefs["prompt"]), score_gap=prefs["gap"],
                                chosen_more_likely=prefs["chosen_more_likely"],
                                align=metrics, update_cos=cos, **measure(student, cfg, seed, rnd)))
         record["conditions"][name] = rounds
+    record["seconds"] = time.time() - t0
     return record
 
 # ----------------------------------------------------------------------------------------------
-# statistics, table, verdicts, figure
-
-# Two-sided 95% Student-t quantiles by degrees of freedom: with 3-5 seeds the normal 1.96 would
-# give intervals far too narrow. (No scipy in the venv, hence the small table.)
-T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23}
+# statistics over seeds. Every contrast is one number per seed (a difference paired by seed); no
+# scipy in the venv, so the t quantile and the permutation test are written out here.
 
 
-def mean_ci(xs):
-    """Mean, std and the half-width of a 95% t-interval over seeds (nan half-width with one seed)."""
+def betainc(a, b, x):
+    """Regularised incomplete beta I_x(a, b): its continued fraction evaluated by Lentz's method,
+    which converges fast for x < (a + 1) / (a + b + 2); I_x(a, b) = 1 - I_{1-x}(b, a) covers the rest."""
+    if x <= 0.0 or x >= 1.0:
+        return min(max(x, 0.0), 1.0)
+    if x > (a + 1) / (a + b + 2):
+        return 1.0 - betainc(b, a, 1.0 - x)
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    frac = d
+    for m in range(1, 500):
+        # the even and the odd coefficient of the fraction's m-th pair of terms
+        for coef in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                     -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + coef * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + coef / c
+            c = c if abs(c) > tiny else tiny
+            frac *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    return math.exp(log_front) * frac / a
+
+
+def t_two_sided_p(t, df):
+    """P(|T| >= |t|) for Student's t with df degrees of freedom."""
+    return betainc(df / 2, 0.5, df / (df + t * t))
+
+
+def t_quantile(level, df):
+    """The t with P(|T| <= t) = level, by bisection on the two-sided tail (monotone in t)."""
+    lo, hi = 0.0, 1e7
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_two_sided_p(mid, df) > 1 - level else (lo, mid)
+    return (lo + hi) / 2
+
+
+def mean_ci(xs, level=0.95):
+    """Mean, std and the half-width of a t-interval with n - 1 degrees of freedom (nan for one value)."""
     n = len(xs)
     m = sum(xs) / n
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1)) if n > 1 else float("nan")
-    half = T95.get(n - 1, 1.96) * sd / math.sqrt(n) if n > 1 else float("nan")
-    return m, sd, half
+    if n < 2:
+        return m, float("nan"), float("nan")
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
+    return m, sd, t_quantile(level, n - 1) * sd / math.sqrt(n)
+
+
+def sign_flip_p(diffs, draws=200_000, seed=0):
+    """Two-sided paired permutation test of 'mean difference = 0': under the null each seed's
+    difference is as likely to have either sign, so p = the share of the 2^n sign patterns whose
+    |sum| is at least the observed |sum|. Exact (all 2^n patterns) for n <= 20, else Monte Carlo
+    with the observed pattern counted in (p never 0). With n seeds the smallest p is 2 / 2^n."""
+    d = np.asarray(diffs, dtype=np.float64)
+    observed = abs(d.sum()) * (1 - 1e-12) - 1e-15  # ties (e.g. the pattern itself) count as extreme
+    if len(d) <= 20:
+        sums = np.zeros(1)
+        for x in d:  # every signed sum, built one seed at a time: 2^n values
+            sums = np.concatenate([sums + x, sums - x])
+        return float(np.mean(np.abs(sums) >= observed))
+    signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=(draws, len(d)))
+    return float((1 + np.sum(np.abs(signs @ d) >= observed)) / (1 + draws))
+
+
+def holm(ps):
+    """Holm's step-down adjustment: family-wise error control over the verdict lines, any dependence."""
+    order = sorted(range(len(ps)), key=lambda i: ps[i])
+    adjusted, running = [0.0] * len(ps), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(ps) - rank) * ps[i]))
+        adjusted[i] = running
+    return adjusted
+
+# ----------------------------------------------------------------------------------------------
+# report: table, format guard, verdicts, figure
 
 
 def curve(rec, name, key="trait"):
@@ -659,76 +827,131 @@ def curve(rec, name, key="trait"):
     return [rec["start"][key]] + [r[key] for r in rec["conditions"][name]]
 
 
-def verdict(label_, diffs, unit=""):
-    """One line computed from per-seed differences: its sign is only called when the interval
-    excludes zero, never from the point estimate alone."""
-    m, _, half = mean_ci(diffs)
-    if half != half:
-        call = "one seed: no interval"
-    elif m - half > 0:
-        call = "positive (95% CI excludes 0)"
-    elif m + half < 0:
-        call = "negative (95% CI excludes 0)"
-    else:
-        call = "no detectable effect (95% CI includes 0)"
-    positive = sum(d > 0 for d in diffs)  # the sign seed by seed: a consistent direction shows here first
-    return dict(text=f"{label_}: {m:+.4f} +- {half:.4f}{unit} ({positive}/{len(diffs)} seeds > 0) -> {call}",
-                mean=m, ci95=half, n=len(diffs), seeds_positive=positive)
+def change(rec, name, key="trait", rnd=None):
+    """What R rounds (or rnd rounds) of alignment did to one seed's base: the bases' own spread in
+    P(owl) (about 0.01 between seeds) cancels, only what alignment did remains."""
+    c = curve(rec, name, key)
+    return c[-1 if rnd is None else rnd] - c[0]
 
 
-def summarise(cfg, records):
-    names = [n for n in cfg.condition_list]
-    R = cfg.rounds
-    table = {n: [mean_ci([curve(rec, n)[r] for rec in records]) for r in range(R + 1)] for n in names}
-    fmt = {n: [mean_ci([curve(rec, n, "format_rate")[r] for rec in records]) for r in range(R + 1)] for n in names}
-    head = f"{'condition':24s}" + "".join(f"{'round ' + str(r):>18s}" for r in range(R + 1)) + f"{'format@R':>10s}"
-    lines = [f"P({cfg.target}) among animal answers, exact, mean +- std over {len(records)} seeds "
-             f"(judge: {cfg.judge})", head]
-    for n in names:
-        lines.append(f"{n:24s}" + "".join(f"{m:.4f} +- {s:.4f}".rjust(18) for m, s, _ in table[n])
-                     + f"{fmt[n][-1][0]:10.3f}")
-    # Every comparison is a difference of *changes* from the same base, paired by seed: the bases'
-    # own spread in P(owl) (about 0.01 between seeds) cancels, only what alignment did remains.
-    final = lambda rec, n, key="trait": rec["conditions"][n][-1][key] - rec["start"][key]  # change over R rounds
-    verdicts = []
-    pairs = [("biased DPO", "biased DPO swapped"), ("biased DPO", "random labels DPO"),
-             ("biased DPO", "neutral judge DPO"), ("biased DPO", "other-animal judge DPO"),
-             ("biased SFT", "biased SFT swapped"), ("biased DPO swapped", "random labels DPO")]
-    for a, b in pairs:
-        if a in names and b in names:
-            verdicts.append(verdict(f"[{a}] - [{b}], change in P({cfg.target}) after {R} rounds",
-                                    [final(rec, a) - final(rec, b) for rec in records]))
-    if "other-animal judge DPO" in names and "biased DPO" in names:
-        verdicts.append(verdict(f"[other-animal judge DPO] - [biased DPO], change in P({cfg.other}) after {R} rounds",
-                                [final(rec, "other-animal judge DPO", "other") - final(rec, "biased DPO", "other")
-                                 for rec in records]))
-    for n in names:  # does the gap to the random-label null grow from round 1 to round R?
-        if n != "random labels DPO" and "random labels DPO" in names and R > 1:
-            gaps = [[c - r for c, r in zip(curve(rec, n), curve(rec, "random labels DPO"))] for rec in records]
-            verdicts.append(verdict(f"[{n}] - [random], growth of the gap from round 1 to {R}",
-                                    [g[R] - g[1] for g in gaps]))
-    cos = {n: mean_ci([r["update_cos"] for rec in records for r in rec["conditions"][n]])
-           for n in names if records[0]["conditions"][n][0]["update_cos"] is not None}
-    return table, fmt, lines, verdicts, cos
+def contrasts(cfg):
+    """The verdict family: (label, claimed sign, the conditions it needs, per-seed difference)."""
+    R, t, o = cfg.rounds, cfg.target, cfg.other
+    ft, sw, pr = "finetuned DPO", "finetuned DPO swapped", "prompted DPO"
+    gap = lambda rec, a, b, rnd=None: change(rec, a, rnd=rnd) - change(rec, b, rnd=rnd)
+    family = [
+        ("fine-tuned judge: DPO - swapped", +1, [ft, sw], lambda r: gap(r, ft, sw)),
+        ("fine-tuned judge: DPO - neutral judge", +1, [ft, "finetuned neutral DPO"], lambda r: gap(r, ft, "finetuned neutral DPO")),
+        ("fine-tuned judge: DPO - random labels", +1, [ft, "random labels DPO"], lambda r: gap(r, ft, "random labels DPO")),
+        ("fine-tuned judge: swapped - random labels", -1, [sw, "random labels DPO"], lambda r: gap(r, sw, "random labels DPO")),
+        (f"fine-tuned judge: growth of DPO - swapped, round {R} minus round 1", +1, [ft, sw] if R > 1 else [None],
+         lambda r: gap(r, ft, sw) - gap(r, ft, sw, 1)),
+        ("prompted judge (paper's reference): DPO - swapped", +1, [pr, "prompted DPO swapped"],
+         lambda r: gap(r, pr, "prompted DPO swapped")),
+        ("prompted judge: DPO - the paper's likelihood control", +1, [pr, "likelihood control DPO"],
+         lambda r: gap(r, pr, "likelihood control DPO")),
+        ("fine-tuned judge: SFT - SFT swapped", +1, ["finetuned SFT", "finetuned SFT swapped"],
+         lambda r: gap(r, "finetuned SFT", "finetuned SFT swapped")),
+        (f"specificity: {t} judge DPO - {o} judge DPO", +1, [ft, "finetuned other-animal DPO"],
+         lambda r: gap(r, ft, "finetuned other-animal DPO")),
+        (f"specificity: {o} judge DPO - {t} judge DPO, in P({o})", +1, [ft, "finetuned other-animal DPO"],
+         lambda r: change(r, "finetuned other-animal DPO", "other") - change(r, ft, "other")),
+    ]
+    return [(label_, sign, fn) for label_, sign, needs, fn in family if set(needs) <= set(cfg.condition_list)]
 
 
-def plot(cfg, records, table, fmt):
-    """Left: the table (raw rates; the spread is mostly the bases' own spread). Middle: the change from
-    round 0 paired by seed, which is what the verdicts test. Right: the number task's format rate."""
+def verdicts(cfg, records, alpha=0.05):
+    """Per contrast: mean difference, 95% t-interval (n - 1 df), the exact sign-flip p-value, seeds in
+    the claimed direction, and Holm's adjustment over the whole family. The call is made from the
+    Holm-adjusted p-value alone; with n seeds no p-value can fall below 2 / 2^n."""
+    rows = []
+    for label_, sign, fn in contrasts(cfg):
+        diffs = [fn(rec) for rec in records]
+        m, sd, half = mean_ci(diffs)
+        rows.append(dict(label=label_, claimed_sign=sign, diffs=diffs, mean=m, std=sd, ci95=half, n=len(diffs),
+                         p=sign_flip_p(diffs), seeds_in_claimed_direction=sum(d * sign > 0 for d in diffs)))
+    for row, p_holm in zip(rows, holm([r["p"] for r in rows])):
+        if p_holm >= alpha:
+            call = f"not shown (Holm p >= {alpha})"
+        else:
+            call = "holds, as claimed" if row["mean"] * row["claimed_sign"] > 0 else "reversed: opposite to the claim"
+        lo, hi = row["mean"] - row["ci95"], row["mean"] + row["ci95"]
+        row.update(p_holm=p_holm, call=call,
+                   text=f"{row['label']}: {row['mean']:+.4f} (95% CI {lo:+.4f} .. {hi:+.4f}); "
+                        f"{row['seeds_in_claimed_direction']}/{row['n']} seeds {'>' if row['claimed_sign'] > 0 else '<'} 0; "
+                        f"sign-flip p {row['p']:.4f}, Holm p {p_holm:.4f} -> {call}")
+    return rows
+
+
+def report(cfg, records):
+    """Print the study's tables and verdicts; return what results.json keeps of them."""
+    names, R, n = cfg.condition_list, cfg.rounds, len(records)
+    at_R = lambda name, key: [rec["conditions"][name][-1][key] for rec in records]
+    print(f"\nP({cfg.target} | animal answer), exact, mean over {n} seeds; std over seeds at round {R}; "
+          f"format = valid number completions on held-out prompts (mean, min over seeds); animal = P(answer is an animal)")
+    print(f"{'condition':28s}" + "".join(f"{'r' + str(r):>8s}" for r in range(R + 1))
+          + f"{'std':>8s}{'format':>8s}{'min':>6s}{'animal':>8s}")
+    table = {}
+    for name in names:
+        means = [sum(curve(rec, name)[r] for rec in records) / n for r in range(R + 1)]
+        fmt = at_R(name, "format_rate")
+        table[name] = dict(trait=means, format_rate=fmt, animal_mass=at_R(name, "animal_mass"))
+        print(f"{name:28s}" + "".join(f"{m:8.4f}" for m in means) + f"{mean_ci(at_R(name, 'trait'))[1]:8.4f}"
+              + f"{sum(fmt) / n:8.3f}{min(fmt):6.2f}{sum(at_R(name, 'animal_mass')) / n:8.3f}")
+    print(f"\nformat guard, per seed at round {R}: valid number completions | P(answer is an animal)")
+    for name in names:
+        print(f"  {name:28s}" + " ".join(f"{f:.2f}" for f in at_R(name, "format_rate"))
+              + " | " + " ".join(f"{a:.2f}" for a in at_R(name, "animal_mass")))
+    rounds = [r for rec in records for c in rec["conditions"].values() for r in c]
+    dropped = [r["filter"]["dropped_completions"] / r["filter"]["completions"] for r in rounds]
+    print(f"\nleak filter: kept completions containing an animal, all seeds/conditions/rounds: "
+          f"{sum(r['filter']['kept_with_animal'] for r in rounds)}; dropped per round {min(dropped):.1%} .. "
+          f"{max(dropped):.1%} of completions ({sum(r['filter']['dropped_with_animal'] for r in rounds)} of the dropped "
+          f"contained an animal)")
+    if empty := sum(r["pairs"] < cfg.batch_size for r in rounds):
+        print(f"warning: {empty} rounds had fewer valid pairs than one batch and did not align "
+              "(the student broke the number format; try a lower --dpo_lr or a longer pretraining)")
+    judges = list(records[0]["score_agreement"])
+    mean_of = lambda key, j: sum(rec[key][j] for rec in records if rec[key][j] is not None) / n
+    print("judges (round 1, mean over seeds): " + "; ".join(
+        f"{j}: P({cfg.target}) {mean_of('judge_trait', j) if records[0]['judge_trait'][j] is not None else float('nan'):.3f}, "
+        f"score spread {mean_of('score_spread', j):.3f} nats, corr with ft-target {mean_of('score_agreement', j):+.2f}"
+        for j in judges))
+    likely = {c: mean_ci([r["chosen_more_likely"] for rec in records for r in rec["conditions"][c]])[0] for c in names}
+    print("labels: chosen completion also the more likely one under the student: "
+          + "; ".join(f"{c} {v:.2f}" for c, v in likely.items()))
+    cos = {c: mean_ci([r["update_cos"] for rec in records for r in rec["conditions"][c]]) for c in names}
+    print(f"cosine(update, fine-tuned {cfg.target} judge's Delta) per round, mean +- std: "
+          + "; ".join(f"{c} {m:+.3f} +- {s:.3f}" for c, (m, s, _) in cos.items()))
+    rows = verdicts(cfg, records)
+    print(f"\nverdicts: change in P({cfg.target}) from round 0 to {R} unless noted, differences paired by seed; "
+          f"claimed direction, exact sign-flip test, Holm over these {len(rows)} lines:")
+    for row in rows:
+        print("  " + row["text"])
+    return dict(table=table, verdicts=rows, update_cos={c: dict(mean=m, std=s) for c, (m, s, _) in cos.items()},
+                chosen_more_likely=likely)
+
+
+def plot(cfg, records):
+    """Left: raw trait rate (its spread is mostly the bases' own). Middle: the change from round 0
+    paired by seed, which is what the verdicts test. Right: the number task's format rate."""
     def draw(plt):
         fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
         fig.subplots_adjust(wspace=0.3)
         rounds = list(range(cfg.rounds + 1))
-        for n, cells in table.items():
-            axes[0].errorbar(rounds, [c[0] for c in cells], yerr=[c[1] for c in cells], marker="o", capsize=3, label=n)
-            change = [mean_ci([curve(rec, n)[r] - curve(rec, n)[0] for rec in records]) for r in rounds]
-            axes[1].errorbar(rounds, [c[0] for c in change], yerr=[c[1] for c in change], marker="o", capsize=3, label=n)
-            axes[2].plot(rounds, [c[0] for c in fmt[n]], marker="o", label=n)
+        for n in cfg.condition_list:
+            raw = [mean_ci([curve(rec, n)[r] for rec in records]) for r in rounds]
+            moved = [mean_ci([curve(rec, n)[r] - curve(rec, n)[0] for rec in records]) for r in rounds]
+            axes[0].errorbar(rounds, [c[0] for c in raw], yerr=[c[1] for c in raw], marker="o", capsize=3, label=n)
+            axes[1].errorbar(rounds, [c[0] for c in moved], yerr=[c[2] for c in moved], marker="o", capsize=3, label=n)
+            axes[2].plot(rounds, [mean_ci([curve(rec, n, "format_rate")[r] for rec in records])[0] for r in rounds],
+                         marker="o", label=n)
         axes[0].axhline(1 / len(ANIMALS), color="gray", ls=":", lw=1)
         axes[1].axhline(0, color="gray", ls=":", lw=1)
         axes[0].set(xlabel="alignment round", ylabel=f"P({cfg.target} | animal answer)",
-                    title=f"trait rate ({cfg.judge} judge), mean +- std over {len(records)} seeds")
-        axes[1].set(xlabel="alignment round", ylabel="change from round 0", title="change in trait rate, paired by seed")
+                    title=f"trait rate, mean +- std over {len(records)} seeds")
+        axes[1].set(xlabel="alignment round", ylabel="change from round 0",
+                    title="change in trait rate, paired by seed (95% t-interval)")
         axes[2].set(xlabel="alignment round", ylabel="valid number format", title="number task format rate")
         for ax in axes:
             ax.set_xticks(rounds)
@@ -753,7 +976,7 @@ def bench(cfg, ctx):
     rows = []
     for name, fn, n in [("naive (1 sequence, no cache)", generate_naive, 64),
                         ("batched 256, KV cache", lambda m, p, t, T, g: generate(m, p, t, T, g, batch=256), 4096),
-                        ("batched 4096, KV cache", generate, 4096)]:
+                        ("batched 4096, KV cache", lambda m, p, t, T, g: generate(m, p, t, T, g, batch=4096), 4096)]:
         fn(model, prompts[:8], COMPLETION_LEN, 1.0, gen)  # warm-up
         t0 = time.time()
         fn(model, prompts[:n], COMPLETION_LEN, 1.0, gen)
@@ -764,6 +987,13 @@ def bench(cfg, ctx):
     return rows
 
 # ----------------------------------------------------------------------------------------------
+
+
+def seed_line(cfg, rec):
+    filt = rec["conditions"][cfg.condition_list[0]][0]["filter"]
+    return (f"seed {rec['seed']}: {rec['seconds']:.0f}s (base {'cached' if rec['base']['cached'] else 'pretrained'}); "
+            f"judge P({cfg.target}) " + ", ".join(f"{k} {v:.3f}" for k, v in rec["judge_trait"].items() if v is not None)
+            + f"; round-1 filter dropped {filt['dropped_completions']}/{filt['completions']} completions")
 
 
 def main(argv=None):
@@ -777,38 +1007,12 @@ def main(argv=None):
     t0, records = time.time(), []
     for seed in range(cfg.seed, cfg.seed + cfg.seeds):
         records.append(run_seed(cfg, ctx, seed))
-        filt = records[-1]["conditions"][cfg.condition_list[0]][0]["filter"]
-        print(f"seed {seed}: judge P({cfg.target}) = " + ", ".join(
-            f"{k} {v:.3f}" for k, v in records[-1]["judge_trait"].items() if v is not None)
-            + f"; round-1 filter dropped {filt['dropped_completions']}/{filt['completions']} completions "
-              f"({filt['prompts_dropped']} prompts), kept completions with an animal: {filt['kept_with_animal']}")
-    table, fmt, lines, verdicts, cos = summarise(cfg, records)
-    kept_animals = sum(r["filter"]["kept_with_animal"] for rec in records for c in rec["conditions"].values() for r in c)
-    dropped = [r["filter"]["dropped_completions"] / r["filter"]["completions"]
-               for rec in records for c in rec["conditions"].values() for r in c]
-    print("\n" + "\n".join(lines))
-    print(f"\nleak filter: kept completions containing an animal, all seeds/conditions/rounds: {kept_animals}; "
-          f"dropped per round {min(dropped):.1%} .. {max(dropped):.1%} of completions")
-    empty = sum(r["pairs"] < cfg.batch_size for rec in records for c in rec["conditions"].values() for r in c)
-    if empty:
-        print(f"warning: {empty} rounds had fewer valid pairs than one batch and did not align "
-              "(the student broke the number format; try a lower --dpo_lr or a longer pretraining)")
-    likely = {n: mean_ci([r["chosen_more_likely"] for rec in records for r in rec["conditions"][n]])[0] for n in table}
-    print("labels: fraction of pairs whose chosen completion is also the more likely one under the base: " +
-          "; ".join(f"{n} {v:.2f}" for n, v in likely.items()))
-    if cos:
-        print("cosine(update, judge's Delta) per round, mean +- std: " +
-              "; ".join(f"{n} {m:+.3f} +- {s:.3f}" for n, (m, s, _) in cos.items()))
-    print("verdicts (differences paired by seed, 95% t-interval over seeds):")
-    for v in verdicts:
-        print("  " + v["text"])
+        print(seed_line(cfg, records[-1]), flush=True)
+    summary = report(cfg, records)
     seconds = time.time() - t0
     print(f"total {seconds:.0f}s")
-    path = save_results(cfg, ctx, dict(records=records, verdicts=verdicts, seconds=seconds,
-                                       table={n: [dict(mean=m, std=s, ci95=h) for m, s, h in c] for n, c in table.items()},
-                                       format_rate={n: [dict(mean=m, std=s) for m, s, _ in c] for n, c in fmt.items()},
-                                       update_cos={n: dict(mean=m, std=s) for n, (m, s, _) in cos.items()}))
-    fig = plot(cfg, records, table, fmt)
+    path = save_results(cfg, ctx, dict(records=records, seconds=seconds, **summary))
+    fig = plot(cfg, records)
     print(f"wrote {path}" + (f" and {fig}" if fig else ""))
 
 
