@@ -229,9 +229,10 @@ class LocalAttention(Attention):
         c = torch.arange(2 * W, device=x.device)[None, :]  # key offset in the block's 2W keys (query's own: r + W)
         band = (c > r) & (c <= r + W)  # key t' with t - W < t' <= t
         first = torch.arange(nb, device=x.device)[:, None, None] > 0  # block 0's first W keys are padding
-        mask = band & (first | (c >= W))  # (nb, W, 2W)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, nb, W, hs)
-        y = y.flatten(2, 3)[:, :, :T]  # (B, nh, T, hs)
+        mask = (band & (first | (c >= W)))[None]  # (1, nb, W, 2W): a 4-D mask keeps the fused kernels
+        # 4-D, blocks in the head slot, so the fused (flash / memory-efficient) kernels take it
+        y = F.scaled_dot_product_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), attn_mask=mask)
+        y = y.unflatten(0, (B, self.n_head)).flatten(2, 3)[:, :, :T]  # (B, nh, T, hs)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
