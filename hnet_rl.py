@@ -84,6 +84,7 @@ class Config(TrainConfig):
     n_main: int = 0  # main blocks over chunks (0 = 2 on CPU, 12 with --gpu)
     n_dec: int = 0  # decoder byte blocks (0 = 1 on CPU, 4 with --gpu)
     window: int = 64  # sliding attention window of the byte blocks (0 = full causal attention)
+    byte_mlp: int = 0  # MLP width of the byte blocks in multiples of n_embd (0 = 4 on CPU, the authors' 1 with --gpu)
     seq_len: int = 0  # bytes per training sequence (0 = 256 on CPU, 4096 with --gpu)
     batch_size: int = 0  # sequences per optimizer step (0 = 16 on CPU, 128 with --gpu)
     grad_accum: int = 0  # micro-steps per optimizer step (0 = 1 on CPU, 4 with --gpu: 32 rows of 4096 bytes per forward fit an 80 GB GPU)
@@ -112,7 +113,7 @@ class Config(TrainConfig):
     def __post_init__(self):
         fill_auto(self, data=("prose", "enwik8"), n_embd=(128, 768), n_head=(4, 12), n_enc=(1, 4),  # CPU toy | paper scale
                   n_main=(2, 12), n_dec=(1, 4), seq_len=(256, 4096), batch_size=(16, 128), max_steps=(400, 12000),
-                  lr=(2e-3, 1.5e-3), warmup=(30, 300), gate_scale=(4.0, 1 / 16), grad_accum=(1, 4))
+                  lr=(2e-3, 1.5e-3), warmup=(30, 300), gate_scale=(4.0, 1 / 16), grad_accum=(1, 4), byte_mlp=(4, 1))
         super().__post_init__()
         self.eval_every = self.eval_every or max(1, self.max_steps // 6)
         if self.method not in METHODS:
@@ -236,9 +237,9 @@ class LocalAttention(Attention):
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
-def byte_block(C, H, window):
+def byte_block(C, H, window, mlp_ratio):
     """A byte-level Block whose attention is the L x window local attention above."""
-    blk = Block(C, H, window=window)
+    blk = Block(C, H, window=window, mlp_ratio=mlp_ratio)
     blk.attn = LocalAttention(C, H, True, window)
     return blk
 
@@ -252,9 +253,9 @@ class ChunkedByteLM(nn.Module):
         C, H = cfg.n_embd, cfg.n_head
         self.cfg, self.method, self.head_dim = cfg, cfg.method, C // H
         self.wte = nn.Embedding(256, C)
-        self.encoder = nn.ModuleList(byte_block(C, H, cfg.window) for _ in range(cfg.n_enc))
+        self.encoder = nn.ModuleList(byte_block(C, H, cfg.window, cfg.byte_mlp) for _ in range(cfg.n_enc))
         self.main = nn.ModuleList(Block(C, H) for _ in range(cfg.n_main))  # causal over chunks, full context
-        self.decoder = nn.ModuleList(byte_block(C, H, cfg.window) for _ in range(cfg.n_dec))
+        self.decoder = nn.ModuleList(byte_block(C, H, cfg.window, cfg.byte_mlp) for _ in range(cfg.n_dec))
         self.norm_enc, self.norm = nn.LayerNorm(C, bias=False), nn.LayerNorm(C, bias=False)
         self.early_head = nn.Linear(C, 256, bias=False)  # early exit: sees only pre-boundary layers
         self.lm_head = nn.Linear(C, 256, bias=False)
