@@ -18,7 +18,7 @@ accumulation, eval callback, tqdm, exact resume, Ctrl-C, NaN guard, DDP), result
 corpora, a checked downloader), and `python train.py --bench [--gpu]`.
 No hand-written Triton anywhere: on CUDA all fusion comes from torch.compile.
 """
-import argparse, contextlib, dataclasses, fcntl, hashlib, importlib.util, inspect, io, json, math, os, random, re
+import argparse, contextlib, dataclasses, fcntl, functools, hashlib, importlib.util, inspect, io, json, math, os, random, re
 import signal, sys, sysconfig, tempfile, threading, time, urllib.request, zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -559,7 +559,29 @@ def train(model, get_batch, loss_fn, cfg, ctx, eval_fn=None, ckpt_path=None, des
     return summary
 
 # ----------------------------------------------------------------------------------------------
-# results: results.json and figures under --out (rank 0 only)
+# results: intervals over seeds, results.json and figures under --out (rank 0 only)
+@functools.lru_cache(maxsize=None)
+def t_quantile(df, level=0.95):
+    """The t with P(|T| <= t) = level for Student's t with df degrees of freedom (there is no scipy
+    here): bisection on P(|T| <= x), the density integrated by Simpson's rule."""
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+
+    def mass(x):
+        f = c * (1 + np.linspace(0.0, x, 4001) ** 2 / df) ** (-(df + 1) / 2)
+        return 2 * x / 12000 * (f[0] + f[-1] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum())
+    lo, hi = 0.0, 1e3
+    for _ in range(60):
+        lo, hi = ((lo + hi) / 2, hi) if mass((lo + hi) / 2) < level else (lo, (lo + hi) / 2)
+    return (lo + hi) / 2
+
+def mean_interval(xs, level=0.95):
+    """(mean, half-width of the two-sided t-interval) of independent values, e.g. one per seed: with
+    few seeds the normal 1.96 would be far too narrow. The half-width is nan for a single value."""
+    x = np.asarray(xs, dtype=np.float64)
+    if len(x) < 2:
+        return float(x.mean()), math.nan
+    return float(x.mean()), t_quantile(len(x) - 1, level) * float(x.std(ddof=1)) / math.sqrt(len(x))
+
 def device_name(ctx):
     return torch.cuda.get_device_name(ctx.device) if ctx.gpu else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
