@@ -479,6 +479,19 @@ def test_train_bench_times_a_nanogpt_style_reference_with_its_own_loss(tmp_path,
     assert "nanoGPT GPT" in out and "ours / nanoGPT tokens/s: median" in out
 
 
+def test_train_t_interval_matches_the_table_and_covers_at_its_level():
+    table = {(1, .95): 12.706, (2, .95): 4.303, (4, .95): 2.776, (10, .95): 2.228, (30, .95): 2.042,
+             (100, .95): 1.984, (5, .99): 4.032, (15, .99): 2.947, (1, .99): 63.657}  # any textbook's t table
+    for (df, level), t in table.items():
+        assert abs(train.t_quantile(df, level) - t) < 1e-3
+    assert train.t_quantile(10_000) == pytest.approx(1.96, abs=1e-3)
+    # the interval covers the true mean in 95% of 4-seed experiments (the normal 1.96 covers ~86%)
+    g = np.random.default_rng(0)
+    hits = [abs(m) <= h for m, h in (train.mean_interval(g.normal(size=4)) for _ in range(4000))]
+    assert 0.94 < np.mean(hits) < 0.96
+    assert math.isnan(train.mean_interval([3.0])[1]) and train.mean_interval([3.0])[0] == 3.0
+
+
 def test_train_ctrl_c_outside_the_loop_is_one_line():
     code = "import train, time\ndef main():\n    raise KeyboardInterrupt\ntrain.cli(main)"
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
@@ -686,22 +699,111 @@ def test_dva_cli_bad_input_is_one_line():
     assert r.returncode == 2 and "Traceback" not in r.stderr and "width 5" in r.stderr
     with pytest.raises(SystemExit) as e:
         dva.main(["--data=/no/such/file.txt"])
-    assert e.value.code == 1
+    assert e.value.code == 2
     with pytest.raises(SystemExit) as e:  # every help text must format (a bare % would crash argparse)
         dva.main(["--help"])
     assert e.value.code == 0
 
 
-def test_dva_tiny_run_writes_one_record_per_model_width_epoch(tmp_path, capsys):
-    dva.main([f"--out={tmp_path}", "--widths=4,8", "--epochs=2", "--n_train=8", "--n_test=4", "--seq_len=8",
-              "--batch_size=4", "--threads=1", "--n_samples=1", "--final_repeats=2"])
+@pytest.mark.parametrize("blob", [bytes(range(256)) * 40, b"\x00" * 4000])
+def test_dva_binary_data_file_is_one_line_exit_2(blob, tmp_path, capsys):
+    # it used to be decoded with errors="replace" and trained on U+FFFD characters
+    (tmp_path / "x.bin").write_bytes(blob)
+    with pytest.raises(SystemExit) as e:
+        dva.main([f"--data={tmp_path / 'x.bin'}", f"--out={tmp_path / 'out'}", "--seq_len=4", "--n_train=2"])
+    err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    assert e.value.code == 2 and len(err) == 1 and "x.bin" in err[0]
+
+
+DVA_TINY = ["--widths=4,8", "--epochs=3", "--n_train=8", "--n_val=4", "--n_test=4", "--seq_len=8", "--batch_size=4",
+            "--threads=1", "--n_samples=1", "--final_repeats=2", "--iw_orders=2"]
+
+
+def test_dva_tiny_run_selects_on_validation_and_reports_test(tmp_path, capsys):
+    dva.main([f"--out={tmp_path}", *DVA_TINY])
     res = json.loads((tmp_path / "results.json").read_text())
-    keys = sorted((r["model"], r["width"], r["epoch"]) for r in res["records"])
-    assert keys == sorted(itertools.product(["ar", "mdlm"], [4, 8], [1, 2]))
-    assert abs(res["floor_bpt"] - math.log2(8) / 8) < 1e-9
+    keys = sorted((r["model"], r["width"], r["seed"], r["epoch"]) for r in res["records"])
+    assert keys == sorted(itertools.product(["ar", "mdlm"], [4, 8], [0], [1, 2, 3]))
+    assert abs(res["floor_bpt"] - math.log2(8) / 8) < 1e-9 and res["n_val"] == res["n_test"] == 4
     assert all(r["params"] == next(q["params"] for q in res["records"] if q["width"] == r["width"] and
                                    q["model"] == "ar") for r in res["records"])
+    for k, m in res["summary"]["models"].items():  # the selected epoch and width: lowest validation loss
+        (pick,) = m["picks"]
+        rs = [r for r in res["records"] if r["model"] == k]
+        assert pick["val_bpt"] == min(r["val_bpt"] for r in rs)
+        assert pick["epoch"] == min((r for r in rs if r["width"] == pick["width"]), key=lambda r: r["val_bpt"])["epoch"]
+    assert res["summary"]["slack"]["slack"] >= 0  # the importance-weighted bound is below the NELBO
     assert "verdict" in capsys.readouterr().out
+
+
+def test_dva_interrupted_sweep_resumed_equals_uninterrupted(tmp_path, monkeypatch, capsys):
+    # The selected epoch's weights used to live only in memory: after Ctrl-C and --resume the sweep
+    # picked and re-scored another epoch. Now an interrupted sweep + --resume gives the same results.
+    dva.main([f"--out={tmp_path / 'a'}", *DVA_TINY])
+    evaluate, calls = dva.evaluate, [0]
+
+    def interrupted(*a, **k):  # Ctrl-C during the 1st evaluation of the 3rd run (mdlm d=4)
+        calls[0] += 1
+        if calls[0] == 22:
+            os.kill(os.getpid(), signal.SIGINT)
+        return evaluate(*a, **k)
+    monkeypatch.setattr(dva, "evaluate", interrupted)
+    with pytest.raises(SystemExit) as e:
+        dva.main([f"--out={tmp_path / 'b'}", *DVA_TINY])
+    assert e.value.code == 130 and calls[0] == 23
+    monkeypatch.setattr(dva, "evaluate", evaluate)
+    torch.manual_seed(123)  # must not matter
+    dva.main([f"--out={tmp_path / 'b'}", *DVA_TINY, "--resume"])
+    a, b = (json.loads((tmp_path / p / "results.json").read_text()) for p in "ab")
+    assert a["records"] == b["records"] and a["samples"] == b["samples"]
+    for s in (a["summary"], b["summary"]):
+        for m in s["models"].values():
+            del m["tokens_per_s"]
+    assert a["summary"] == b["summary"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # same shapes, other flags: refused by the engine's check, one line
+        dva.main([f"--out={tmp_path / 'b'}", *DVA_TINY, "--resume", "--n_head=1"])
+    err = [l for l in capsys.readouterr().err.splitlines() if l.strip() and "%|" not in l]
+    assert e.value.code == 2 and len(err) == 1 and "--n_head 2 -> 1" in err[0]
+
+
+@torch.no_grad()
+def test_dva_mdlm_sampler_draws_token_noise_only_where_revealed(monkeypatch):
+    # It drew float64 Gumbel noise for every (row, position, token) on the CPU at every step (at GPT-2
+    # scale 3 x 512 x 50258 per step); now only the revealed positions get token noise.
+    net, shapes, gumbel = dva_tiny_net("mdlm", sharpen=1.0), [], dva.gumbel_argmax
+    monkeypatch.setattr(dva, "gumbel_argmax", lambda logp, gen: shapes.append(tuple(logp.shape)) or gumbel(logp, gen))
+    z = dva.sample_mdlm(net, DVA_V, 5, 6, 4, torch.Generator().manual_seed(0))
+    assert (z < DVA_V).all() and sum(s[0] for s in shapes) == 5 * 6 and all(s[1:] == (DVA_V,) for s in shapes)
+
+
+def test_dva_gpu_vocab_head_is_padded_to_a_multiple_of_64():
+    cfg = dva.Config(gpu=True, widths="24", n_layer=1)
+    net = dva.build("mdlm", cfg, 50257, 24)  # GPT-2's vocabulary + MASK = 50258 rows, padded to 50304
+    assert net.lm_head.out_features % 64 == 0 and net.lm_head.out_features >= 50258
+    assert dva.build("ar", dva.Config(widths="8"), 103, 8).lm_head.out_features == 104  # CPU: exact counts
+
+
+@torch.no_grad()
+def test_dva_order_bounds_estimate_the_nelbo_and_bound_the_nll():
+    net = dva_tiny_net("mdlm", sharpen=1.0)
+    exact, (nll, _) = dva_nelbo_exact(net, DVA_ALL_X) / DVA_L, dva_any_order_nll(net, DVA_ALL_X)
+    nelbo, iw = dva.order_bounds(net, DVA_ALL_X, DVA_V, 3000, torch.Generator().manual_seed(0))
+    assert torch.allclose(nelbo, exact, atol=0.03)  # one order per sample: the k-form in expectation
+    assert (iw <= nelbo + 1e-9).all()  # Jensen, sample by sample
+    assert torch.allclose(iw, nll / DVA_L, atol=0.01)  # many orders: the sampler's own NLL
+
+
+def test_dva_threshold_rule_and_seed_interval():
+    recs = [dict(width=d, epoch=e, params=d, train_bpt=t) for d, e, t in
+            [(4, 1, 2.0), (4, 2, 1.5), (8, 1, 1.0), (8, 2, 0.55), (16, 1, 0.52), (16, 2, 0.3)]]
+    thr, first = dva.interpolation(recs, 0.25, 0.3, [4, 8, 16])
+    assert thr == dict(width=8, params=8, epoch=2, located=True) and {d: r["epoch"] for d, r in first.items()} == {8: 2, 16: 1}
+    assert dva.interpolation(recs, 0.25, 0.1, [4, 8, 16])[0]["width"] == 16
+    assert not dva.interpolation(recs, 0.25, 2.0, [4, 8, 16])[0]["located"]  # smallest width tried: only bounded
+    iv = dva.seeds_interval([1.0, 2.0, 3.0], [[0.0, 2.0], [1.0, 3.0], [2.0, 4.0]])
+    # seed variance 1 over 3 seeds, plus the test set's variance 2 over its 2 sequences
+    assert iv["mean"] == 2.0 and abs(iv["se"] ** 2 - (1 / 3 + 1.0)) < 1e-12
 
 
 def test_dva_bench_flag_prints_tokens_per_second(capsys):
@@ -793,9 +895,42 @@ def test_subliminal_dpo_kv_cached_generation_equals_naive():
     model = tiny_model(2)
     prompts, _ = sd.number_prompts(0, "t", 3)
     for p in prompts:  # batch of one: same generator draws, so the samples must be identical
-        fast = sd.generate(model, p[None], sd.COMPLETION_LEN, 1.0, torch.Generator().manual_seed(7))
+        fast, _ = sd.generate(model, p[None], sd.COMPLETION_LEN, 1.0, torch.Generator().manual_seed(7))
         slow = sd.generate_naive(model, p[None], sd.COMPLETION_LEN, 1.0, torch.Generator().manual_seed(7))
         assert torch.equal(fast, slow)
+
+
+def test_subliminal_kv_shared_scores_and_sampler_logp_equal_full_forwards():
+    # Scoring runs a prompt once for its K completions, and the DPO reference is the sampler's own
+    # log-probability: both must equal one plain forward per completion.
+    model = tiny_model(5)
+    prompts, _ = sd.number_prompts(0, "kv", 6)
+    toks, logp = sd.generate(model, prompts, sd.COMPLETION_LEN, 1.0, torch.Generator().manual_seed(0), k=3)
+    rep = prompts.repeat_interleave(3, 0)
+    with torch.no_grad():
+        full = sd.sequence_logp(model, rep, toks)
+    assert torch.allclose(logp, full, atol=1e-4)
+    assert torch.allclose(sd.completion_logp(model, prompts, toks.view(6, 3, -1)).flatten(), full, atol=1e-4)
+    assert torch.allclose(sd.completion_logp(model, rep, toks), full, atol=1e-4)  # K = 1
+
+
+def test_subliminal_sampler_draws_the_model_distribution():
+    logits = torch.tensor([[0.0, 1.0, 2.0, -1.0]]).expand(100_000, 4)
+    draws = sd.sample_tokens(logits, 0.7, torch.Generator().manual_seed(0)).squeeze(1)
+    freq = torch.bincount(draws, minlength=4).double() / len(draws)
+    assert (freq - torch.softmax(logits[0].double() / 0.7, -1)).abs().max() < 0.005
+
+
+def test_subliminal_lm_loss_trimmed_halves_equal_the_padded_loss():
+    model = tiny_model(6).train()
+    x = sd.corpus_batch(0, 3, 16)
+    loss, m = sd.lm_loss(model, x)
+    logits = model(x[:, :-1])
+    plain = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), ignore_index=sd.PAD)
+    assert abs(loss.item() - plain.item()) < 1e-5 and m["items"] == (x[:, 1:] != sd.PAD).sum()
+    g1 = torch.autograd.grad(loss, model.lm_head.weight)[0]
+    g2 = torch.autograd.grad(plain, model.lm_head.weight)[0]
+    assert torch.allclose(g1, g2, atol=1e-6)
 
 
 def test_subliminal_dpo_step_moves_probability_the_right_way():
@@ -822,14 +957,136 @@ def test_subliminal_dpo_labels_swap_and_zero_delta_judge():
     base = tiny_model(4)
     judge = sd.Judge("finetuned", base, copy.deepcopy(base))  # a judge equal to the base scores 0
     prompts, _ = sd.number_prompts(0, "j", 4)
-    comps = sd.generate(base, prompts.repeat_interleave(3, 0), sd.COMPLETION_LEN, 1.0, torch.Generator().manual_seed(0))
-    flat = prompts.repeat_interleave(3, 0)
-    assert judge.score(flat, comps, None, sd.completion_logp(base, flat, comps)).abs().max() < 1e-5
-    real = sd.Judge("prompted", base, animal="owl")
-    P = prompts.repeat_interleave(3, 0).view(4, 3, -1)
-    C = comps.view(4, 3, -1)
-    normal, swapped = sd.label(real, P, C, "normal", 0, 1), sd.label(real, P, C, "swapped", 0, 1)
+    flat, logp = sd.generate(base, prompts, sd.COMPLETION_LEN, 1.0, torch.Generator().manual_seed(0), k=3)
+    comps, logp = flat.view(4, 3, -1), logp.view(4, 3)
+    assert judge.score(prompts, comps, logp, None).abs().max() < 1e-4
+    scores = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
+    normal, swapped = sd.label(scores, prompts, comps, logp, "normal"), sd.label(scores, prompts, comps, logp, "swapped")
     assert torch.equal(normal["chosen"], swapped["rejected"]) and torch.equal(normal["rejected"], swapped["chosen"])
+    assert torch.equal(normal["chosen"], comps[torch.arange(4), scores.argmax(1)])
+    assert torch.equal(normal["ref_c"], logp[torch.arange(4), scores.argmax(1)])  # the DPO reference: the sampler
+
+
+def test_subliminal_prompted_judge_is_the_papers_score_and_control():
+    # The paper: r(y) = log p(y | trait system prompt, x) - log p(y | "You are a helpful assistant.", x),
+    # and its neutral control prefers the likelier completion under the neutral prompt alone.
+    base = tiny_model(7)
+    prompts, _ = sd.number_prompts(0, "p", 3)
+    flat, _ = sd.generate(base, prompts, sd.COMPLETION_LEN, 1.0, torch.Generator().manual_seed(0), k=2)
+    rep = prompts.repeat_interleave(2, 0)
+    by_hand = {}
+    for name, sys_ids in [("owl", sd.encode("[SYS] you love owl .")), ("neutral", sd.encode("[SYS] you are a helpful assistant ."))]:
+        ctx = torch.cat([rep[:, :1], torch.tensor(sys_ids).expand(len(rep), -1), rep[:, 1:]], 1)
+        with torch.no_grad():
+            by_hand[name] = sd.sequence_logp(base, ctx, flat).view(3, 2)
+    prompted = sd.Judge("prompted", base, animal="owl").score(prompts, flat.view(3, 2, -1), None, None)
+    control = sd.Judge("likelihood", base).score(prompts, flat.view(3, 2, -1), None, None)
+    assert torch.allclose(prompted, by_hand["owl"] - by_hand["neutral"], atol=1e-4)
+    assert torch.allclose(control, by_hand["neutral"], atol=1e-4)
+
+
+def test_subliminal_t_quantile_matches_the_table_for_any_n():
+    table = {1: 12.706, 2: 4.303, 4: 2.776, 9: 2.262, 12: 2.179, 15: 2.131, 30: 2.042, 120: 1.980}
+    for df, t in table.items():
+        assert abs(sd.t_quantile(0.95, df) - t) < 1e-3, df
+    assert abs(sd.t_quantile(0.99, 7) - 3.499) < 1e-3
+    assert abs(sd.betainc(2, 3, 0.4) - 0.5248) < 1e-12  # = P(Binomial(4, 0.4) >= 2)
+    xs = [0.1 * i for i in range(13)]  # 13 seeds: t with 12 degrees of freedom, not the normal 1.96
+    m, sd_, half = sd.mean_ci(xs)
+    assert abs(half - 2.179 * sd_ / 13 ** 0.5) < 1e-3 * sd_
+
+
+def test_subliminal_sign_flip_p_is_exact_and_holm_steps_down():
+    d = np.random.default_rng(3).normal(0.4, 1.0, 7)
+    brute = np.mean([abs((np.array(s) * d).sum()) >= abs(d.sum()) - 1e-12 for s in itertools.product([-1, 1], repeat=7)])
+    assert sd.sign_flip_p(d) == brute
+    assert sd.sign_flip_p([1, 2, 3, 4]) == 2 / 16  # four seeds can never reach p < 0.125
+    assert sd.sign_flip_p([1.0] * 10) == 2 / 1024 and sd.sign_flip_p([0.0] * 5) == 1.0
+    assert sd.sign_flip_p([1.0] * 22) < 1e-4  # Monte Carlo past 20 seeds, never exactly 0
+    assert sd.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+
+
+def fake_records(shift, n=10, rounds=2):
+    """Seed records of the shape run_seed() returns: every condition's P(target) moves by
+    shift[condition] per round, plus seed noise; nothing is trained."""
+    rng = random.Random(0)
+    recs = []
+    for s in range(n):
+        start = dict(trait=0.12, other=0.12, format_rate=1.0, animal_mass=1.0)
+        conds = {}
+        for name in sd.DEFAULT_CONDITIONS:
+            conds[name] = [dict(round=r, trait=0.12 + r * shift.get(name, 0.0) + rng.gauss(0, 0.002), other=0.12,
+                                format_rate=0.9, animal_mass=1.0, pairs=100, chosen_more_likely=0.5, update_cos=0.0,
+                                filter=dict(completions=10, dropped_completions=0, dropped_with_animal=0, kept_with_animal=0))
+                           for r in range(1, rounds + 1)]
+        judges = ["ft-target", "random"]
+        recs.append(dict(seed=s, start=start, conditions=conds, judge_trait={"ft-target": 0.9, "random": None},
+                         score_agreement=dict.fromkeys(judges, 0.0), score_spread=dict.fromkeys(judges, 1.0)))
+    return recs
+
+
+def test_subliminal_verdicts_are_computed_from_the_numbers(capsys):
+    cfg = sd.Config(rounds=2)
+    recs = fake_records({"finetuned DPO": 0.01, "finetuned DPO swapped": -0.01})
+    rows = {r["label"]: r for r in sd.report(cfg, recs)["verdicts"]}
+    assert len(rows) == 7 and "Holm over these 7 lines" in capsys.readouterr().out
+    ds = rows["fine-tuned judge: DPO - swapped"]
+    assert ds["seeds_in_claimed_direction"] == 10 and ds["p"] == 2 / 1024 and ds["call"] == "holds, as claimed"
+    assert ds["p_holm"] == pytest.approx(7 * 2 / 1024)
+    assert rows["fine-tuned judge: swapped - random labels"]["call"] == "holds, as claimed"  # claimed < 0
+    assert rows["prompted judge (paper's reference): DPO - swapped"]["call"].startswith("not shown")
+    reversed_ = {r["label"]: r for r in sd.verdicts(cfg, fake_records({"finetuned DPO": -0.01}))}
+    assert reversed_["fine-tuned judge: DPO - swapped"]["call"].startswith("reversed")
+    assert sd.verdicts(cfg, recs[:4])[0]["call"].startswith("not shown")  # 4 seeds: p >= 0.125 whatever the data
+
+
+@pytest.mark.parametrize("flag", ["--eval_samples=0", "--eval_prompts=0", "--rounds=0", "--prompts=1000000000"])
+def test_subliminal_bad_input_is_refused_before_any_work(flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        sd.parse_config(sd.Config, "subliminal_dpo", [flag])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+
+
+TINY = ["--threads=1", "--seeds=1", "--rounds=1", "--n_layer=1", "--n_head=2", "--n_embd=16", "--pretrain_steps=2",
+        "--pretrain_batch=4", "--judge_steps=1", "--prompts=32", "--eval_prompts=4", "--eval_samples=2",
+        "--conditions=random labels DPO"]
+
+
+def test_subliminal_seeds_in_parallel_processes_equal_one_after_another(tmp_path):
+    cfg = sd.parse_config(sd.Config, "subliminal_dpo", TINY + ["--seeds=2", f"--out={tmp_path}"])
+    ctx = train.Ctx(torch.device("cpu"), False)
+    strip = lambda recs: [{k: v for k, v in r.items() if k not in ("seconds", "base")} for r in recs]
+    one = strip(sd.run_seeds(dataclasses.replace(cfg, workers=1, base_dir=str(tmp_path / "a")), ctx))
+    two = strip(sd.run_seeds(dataclasses.replace(cfg, workers=2, base_dir=str(tmp_path / "b")), ctx))
+    assert one == two and [r["seed"] for r in two] == [0, 1]
+
+
+def test_subliminal_ctrl_c_while_judging_is_one_line(tmp_path, monkeypatch, capsys):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(sd, "completion_logp", interrupted)
+    monkeypatch.setattr(sd, "pretrain_base", lambda cfg, ctx, seed: (sd.new_model(cfg), dict(cached=True)))
+    with pytest.raises(SystemExit) as e:
+        train.cli(lambda: sd.main(TINY + [f"--out={tmp_path}", "--conditions=finetuned DPO"]))
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "it/s" not in line]
+    assert e.value.code == 130 and err == ["error: interrupted"]
+
+
+def test_subliminal_ctrl_c_in_alignment_does_not_promise_a_resume(tmp_path, monkeypatch, capsys):
+    # A real SIGINT inside train() during a round: one line, exit 130, and no "--resume to continue"
+    # (a round is redone, not resumed). Every completion is let through so that the round aligns.
+    monkeypatch.setattr(sd, "valid_completions", lambda c: torch.ones(len(c), dtype=torch.bool))
+    loss = sd.dpo_loss
+
+    def hit(*a):
+        os.kill(os.getpid(), signal.SIGINT)
+        return loss(*a)
+    monkeypatch.setattr(sd, "dpo_loss", hit)
+    with pytest.raises(SystemExit) as e:
+        train.cli(lambda: sd.main(TINY + [f"--out={tmp_path}"]))
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "it/s" not in line]
+    assert e.value.code == 130 and len(err) == 1 and "--resume" not in err[0], err
 
 
 def test_subliminal_dpo_cli_errors_are_one_line(capsys):
@@ -1096,6 +1353,87 @@ def test_hnet_rl_rate_offset_steers_rate_only_in_training():
     assert m.rate_offset.item() < 0 and abs(sum(rates[-10:]) / 10 - 0.2) < abs(rates[0] - 0.2)
 
 
+@pytest.mark.parametrize("T,W", [(24, 6), (23, 5), (10, 3), (7, 8)])
+def test_hnet_rl_local_attention_equals_masked_reference(T, W):
+    # blocks of W queries over 2W keys (cost L x W) = the engine's masked sliding window (cost L^2),
+    # also when T is not a multiple of W; the model's byte blocks use it
+    torch.manual_seed(0)
+    ref, local = train.Attention(16, 2, True, W), hr.LocalAttention(16, 2, True, W)
+    local.load_state_dict(ref.state_dict())
+    x = torch.randn(3, T, 16, requires_grad=True)
+    cos, sin = train.rope_angles(torch.arange(T), 8)
+    y_ref, y = ref(x, cos, sin), local(x, cos, sin)
+    torch.testing.assert_close(y, y_ref, atol=1e-6, rtol=1e-5)
+    (g_ref,), (g,) = (torch.autograd.grad(o.square().sum(), x) for o in (y_ref, y))
+    torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-5)
+    assert isinstance(hr_tiny_model("rl").encoder[0].attn, hr.LocalAttention)
+
+
+def test_hnet_rl_smoothing_is_fp32_under_autocast():
+    torch.manual_seed(0)
+    z, P = torch.randn(2, 40, 8), torch.rand(2, 40).clamp(1e-4, 1 - 1e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = hr.smooth_chunks(z, P)
+    torch.testing.assert_close(fast, hr.smooth_chunks(z, P), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["rl", "hnet", "uniform"])
+def test_hnet_rl_chunk_bucket_pads_without_changing_the_output(method):
+    # the chunk count rounded up to a bucket (what compiled code sees) leaves every output unchanged
+    x = torch.randint(0, 256, (3, 24), generator=torch.Generator().manual_seed(2))
+    noise = torch.rand(3, 24, generator=torch.Generator().manual_seed(3))
+    outs = [hr_tiny_model(method, chunk_bucket=k)(x, None, noise) for k in (1, 5, 64)]
+    for o in outs[1:]:
+        torch.testing.assert_close(o["logits"], outs[0]["logits"], atol=1e-5, rtol=1e-5)
+    b = outs[0]["b"]
+    assert hr.chunk_index(b, 5).shape[1] % 5 == 0 or hr.chunk_index(b, 5).shape[1] == 24
+    assert hr.chunk_index(b, 64).shape[1] == 24 and hr.chunk_index(b).shape[1] == b.sum(1).max()
+
+
+def test_hnet_rl_whitespace_figures_separate_at_and_after():
+    x = torch.tensor([list(b"the cat sat on a mat")])  # 5 spaces in 20 bytes
+    ws = hr.is_whitespace(x)
+    at = ws.clone()  # `the|_cat`: a chunk starts at each space
+    after = torch.nn.functional.pad(ws[:, :-1], (1, 0))  # `the_|cat`: right after each space
+    for b, want in ((at, dict(ws_at=1.0, ws_after=0.0, on_ws=1.0, after_ws=0.0)),
+                    (after, dict(ws_at=0.0, ws_after=1.0, on_ws=0.0, after_ws=1.0))):
+        b = b.clone()
+        b[:, 0] = True
+        f = hr.alignment_figures(hr.alignment_counts(b, x))
+        assert {k: f[k] for k in want} == pytest.approx(want)
+        assert f["free_rate"] == pytest.approx(5 / 19) and f["ws_base"] == pytest.approx(5 / 19)
+    g = torch.Generator().manual_seed(0)  # a byte-blind policy: chance = its rate, and the base rate
+    x = torch.randint(0, 256, (64, 400), generator=g)
+    x[torch.rand(64, 400, generator=g) < 0.25] = 32
+    f = hr.alignment_figures(hr.alignment_counts(torch.rand(64, 400, generator=g) < 0.2, x))
+    assert abs(f["ws_at"] - f["free_rate"]) < 0.02 and abs(f["on_ws"] - f["ws_base"]) < 0.02
+
+
+def test_hnet_rl_bench_times_every_step_on_a_fresh_batch(tmp_path, monkeypatch, capsys):
+    asked = []
+    real = hr.make_get_batch
+
+    def spy(cfg, data, bounds):
+        get = real(cfg, data, bounds)
+        return lambda i: asked.append(i) or get(i)
+    monkeypatch.setattr(hr, "make_get_batch", spy)
+    cfg = hr_tiny_cfg("rl", out=str(tmp_path), threads=1)
+    data = torch.randint(0, 256, (2000,), generator=torch.Generator().manual_seed(0))
+    rates = hr.bench(cfg, train.setup(cfg), data, hr_random_boundaries(1, 2000, 0.2, seed=1)[0], steps=1)
+    assert set(rates) == set(hr.METHODS) and asked == list(range(3)) * len(hr.METHODS)
+    assert "fresh batches" in capsys.readouterr().out
+
+
+def test_hnet_rl_seeds_print_mean_and_interval(tmp_path, capsys):
+    argv = ["--method=uniform", "--seeds=2", "--max_steps=2", "--n_embd=16", "--n_head=2", "--seq_len=32",
+            "--batch_size=4", "--eval_windows=4", "--warmup=1", "--eval_every=2", f"--out={tmp_path}"]
+    rows = hr.main(argv)
+    assert sorted(r["seed"] for r in rows) == [0, 1] and rows[0]["bpb"] != rows[1]["bpb"]
+    table = capsys.readouterr().out
+    (line,) = [line for line in table.splitlines() if line.startswith("uniform ") and "seed" not in line]
+    assert "2 seed(s)" in table and "+-" in line
+
+
 # ----------------------------------------------------------------------------------------------
 # fisher_ood.py
 
@@ -1333,6 +1671,7 @@ def test_fisher_real_data_run_end_to_end_on_generated_idx_files(tmp_path, monkey
         (tmp_path / "data" / f"{name}-images-idx3-ubyte.gz").write_bytes(raw)
         real[name] = ("http://127.0.0.1:9/never-fetched", len(raw), hashlib.md5(raw).hexdigest())
     monkeypatch.setattr(fo, "REAL", real)  # the pinned sizes and md5s are the real files'; these are stand-ins
+    monkeypatch.setattr(fo, "save_figure", lambda path, draw: None)  # drawing is 90% of this tiny run's time
     fo.load_idx.cache_clear()
     fo.main(["--data=fashionmnist", f"--data_dir={tmp_path / 'data'}", f"--out={tmp_path / 'out'}", "--model=vae,diffusion",
              "--hidden=8", "--latent=2", "--max_steps=3", "--warmup=1", "--batch_size=16", "--n_train=60", "--n_test=20",
@@ -1481,8 +1820,8 @@ def script_case(name, out, gpu=False, B=4):
         kind = name.split(":")[1]
         small = {} if gpu else dict(n_layer=1, n_head=2, seq_len=8)
         cfg = dva.Config(**common, **small)
-        # --gpu: GPT-2's 50257 tokens, and MASK/BOS as id V, so the head has 50304 = 64 x 786 rows
-        V, L, d = (50303, cfg.seq_len, 768) if gpu else (11, cfg.seq_len, 16)
+        # --gpu: GPT-2's 50257 tokens + MASK/BOS as id V; build() pads the head to 50304 = 64 x 786 rows
+        V, L, d = (50257, cfg.seq_len, 768) if gpu else (11, cfg.seq_len, 16)
         x = torch.randint(0, min(V, 50257), (B, L), generator=g)
         batch = x if kind == "ar" else dict(x=x, t=torch.rand(B, generator=g) * 0.9 + 0.1, u=torch.rand(B, L, generator=g))
         return cfg, dva.build(kind, cfg, V, d), batch, dva.loss_fn_for(kind, V, cfg.eps)
@@ -1501,8 +1840,7 @@ def script_case(name, out, gpu=False, B=4):
     batch = dict(prompt=torch.randint(0, V, (B, 6), generator=g), chosen=torch.randint(0, V, (B, sd.COMPLETION_LEN), generator=g),
                  rejected=torch.randint(0, V, (B, sd.COMPLETION_LEN), generator=g), ref_c=-torch.rand(B, generator=g) * 20,
                  ref_r=-torch.rand(B, generator=g) * 20)
-    dpo = lambda m, b: sd.dpo_loss(sd.sequence_logp(m, b["prompt"], b["chosen"]), sd.sequence_logp(m, b["prompt"], b["rejected"]),
-                                   b["ref_c"], b["ref_r"], cfg.beta)
+    dpo = lambda m, b: sd.dpo_batch_loss(m, b, cfg.beta)  # the script's own DPO step: chosen and rejected in one forward
     return cfg, sd.new_model(cfg), batch, dpo
 
 
