@@ -74,7 +74,7 @@ WHITESPACE = (9, 10, 13, 32)  # \t \n \r space
 class Config(TrainConfig):
     method: str = "rl"  # boundary method: rl | hnet | uniform | fixed | space | bpe
     compare: bool = False  # train every method with the same budget and seed, print one table
-    seeds: int = 1  # independent seeds per method (from --seed): the table shows mean +- 95% t-interval
+    seeds: int = 0  # independent seeds per method (from --seed), table of mean +- 95% t-interval (0 = 3 for one method on CPU, 1 with --compare or --gpu)
     ablations: bool = False  # with --compare: also the rl ablations (gamma=1, no batch advantage, no early-exit reward, window 8, no rate control)
     data: str = "auto"  # auto (prose on CPU, enwik8 with --gpu) | prose | code (text shipped with Python) | enwik8 | tinyshakespeare | path to a text file (first 90 percent train)
     rate: float = 0.2  # target boundaries per byte (1/rate bytes per chunk)
@@ -96,7 +96,7 @@ class Config(TrainConfig):
     lambda_g: float = 0.01  # rl: weight of the policy-gradient loss
     lambda_c: float = 0.01  # rl: weight of the rate-control (consistency) loss (0 = none)
     gate_window: int = 1  # rl: the policy reads the previous gate_window - 1 actions (paper 8; 1 = independent gates)
-    rate_offset_lr: float = 0.5  # rl: step size of a non-learned logit offset steering the realised rate to --rate (0 = off: the paper's consistency loss alone)
+    rate_offset_lr: float = -1.0  # rl: step size of a non-learned logit offset steering the realised rate to --rate (0 = off: the paper's consistency loss alone; -1 = auto: 0.5 on CPU, 0 with --gpu)
     gate_scale: float = 0.0  # rl: scale s of the gate logits s W x (0 = auto: 4 on CPU, the paper's 1/16 with --gpu)
     batch_adv: bool = True  # rl: subtract the per-position batch mean from the reward
     early_reward: bool = True  # rl: reward = CE_early - CE_final (false: reward = -CE_final)
@@ -114,6 +114,9 @@ class Config(TrainConfig):
         fill_auto(self, data=("prose", "enwik8"), n_embd=(128, 768), n_head=(4, 12), n_enc=(1, 4),  # CPU toy | paper scale
                   n_main=(2, 12), n_dec=(1, 4), seq_len=(256, 4096), batch_size=(16, 128), max_steps=(400, 12000),
                   lr=(2e-3, 1.5e-3), warmup=(30, 300), gate_scale=(4.0, 1 / 16), grad_accum=(1, 4), byte_mlp=(4, 1))
+        if self.rate_offset_lr < 0:  # auto (0 means off, so fill_auto cannot resolve it)
+            self.rate_offset_lr = 0.0 if self.gpu else 0.5
+        self.seeds = self.seeds or (1 if self.gpu or self.compare else 3)
         super().__post_init__()
         self.eval_every = self.eval_every or max(1, self.max_steps // 6)
         if self.method not in METHODS:
