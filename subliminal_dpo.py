@@ -52,7 +52,7 @@ Default: a few CPU minutes on 2 cores (bases cached per seed in out/subliminal_d
 `--gpu` runs bigger models and more prompts. `--bench` times batched KV-cached sampling against a
 naive one-sequence, no-cache loop. No hand-written Triton anywhere.
 """
-import copy, dataclasses, hashlib, json, math, random, sys, time
+import copy, dataclasses, hashlib, json, math, multiprocessing, os, random, sys, time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,6 +89,7 @@ class Config(TrainConfig):
     eval_samples: int = 200  # sampled answers per paraphrase for the sampled trait rate
     eval_prompts: int = 200  # held-out number prompts sampled at every measurement for the format rate
     base_dir: str = ""  # where pretrained bases are cached, one file per seed and config (empty = <out>/base)
+    workers: int = 0  # processes running seeds side by side on the CPU (0 = one per core, at most --seeds; 1 with --gpu)
     bench: bool = False  # only time batched KV-cached generation against the naive loop, then exit
     # set per call of train(): pretrain_lr/judge_lr/dpo_lr/sft_lr, pretrain_steps/judge_steps (alignment:
     # one epoch), warm-up over 5 percent of pretraining and none in alignment, no eval callback
@@ -96,7 +97,7 @@ class Config(TrainConfig):
     # the cached base depends only on the fields in base_signature(): the rest may change on --resume
     resume_free = TrainConfig.resume_free + (
         "seeds", "rounds", "target", "other", "conditions", "judge_steps", "judge_lr", "prompts", "k",
-        "temperature", "beta", "dpo_lr", "sft_lr", "batch_size", "eval_samples", "eval_prompts", "base_dir", "bench")
+        "temperature", "beta", "dpo_lr", "sft_lr", "batch_size", "eval_samples", "eval_prompts", "base_dir", "workers", "bench")
 
     def __post_init__(self):
         super().__post_init__()
@@ -989,6 +990,39 @@ def bench(cfg, ctx):
 # ----------------------------------------------------------------------------------------------
 
 
+def _worker_start(threads):
+    # Own session: a Ctrl-C in the terminal reaches only the parent, which stops the pool (one line)
+    os.setsid()
+    torch.set_num_threads(threads)
+
+
+def run_seeds(cfg, ctx):
+    """Every seed is independent and fully seeded, so seeds may run in parallel processes with the
+    same results as one after another: a tiny model keeps one core busy, not two (one thread per
+    process is the fastest way to use a small CPU)."""
+    seeds = list(range(cfg.seed, cfg.seed + cfg.seeds))
+    workers = 1 if cfg.gpu or ctx.world > 1 else min(cfg.workers or os.cpu_count() or 1, len(seeds))
+    records = []
+    if workers == 1:
+        for seed in seeds:
+            records.append(run_seed(cfg, ctx, seed))
+            print(seed_line(cfg, records[-1]), flush=True)
+        return records
+    threads = cfg.threads or max(1, (os.cpu_count() or 1) // workers)
+    print(f"{workers} processes x {threads} thread(s), one seed each at a time", flush=True)
+    with multiprocessing.get_context("spawn").Pool(workers, _worker_start, (threads,)) as pool:
+        for rec in pool.imap(_run_seed_job, [(cfg, ctx, seed) for seed in seeds]):
+            records.append(rec)
+            print(seed_line(cfg, rec), flush=True)
+        pool.close()
+        pool.join()
+    return records
+
+
+def _run_seed_job(args):
+    return run_seed(*args)
+
+
 def seed_line(cfg, rec):
     filt = rec["conditions"][cfg.condition_list[0]][0]["filter"]
     return (f"seed {rec['seed']}: {rec['seconds']:.0f}s (base {'cached' if rec['base']['cached'] else 'pretrained'}); "
@@ -1004,10 +1038,8 @@ def main(argv=None):
         return
     print(f"vocabulary {len(VOCAB)} words; conditions: {', '.join(cfg.condition_list)}; {cfg.seeds} seeds x "
           f"{cfg.rounds} rounds x {cfg.prompts} prompts x K={cfg.k}")
-    t0, records = time.time(), []
-    for seed in range(cfg.seed, cfg.seed + cfg.seeds):
-        records.append(run_seed(cfg, ctx, seed))
-        print(seed_line(cfg, records[-1]), flush=True)
+    t0 = time.time()
+    records = run_seeds(cfg, ctx)
     summary = report(cfg, records)
     seconds = time.time() - t0
     print(f"total {seconds:.0f}s")
