@@ -54,23 +54,23 @@ class Config(TrainConfig):
     data: str = "auto"  # auto (prose on CPU, tinyshakespeare with --gpu) | prose | code (text shipped with Python) | tinyshakespeare (downloaded) | path to a UTF-8 text file (first 90 percent train)
     tokenizer: str = "auto"  # auto (char on CPU, gpt2 with --gpu) | char | gpt2 (tiktoken's GPT-2 BPE; needs the network once)
     models: str = "ar,mdlm"  # which objectives to train: ar, mdlm or both
-    widths: str = ""  # comma-separated model widths (empty = 16,32,64,128 on CPU; 96,192,384,768 with --gpu)
+    widths: str = ""  # comma-separated model widths (empty = 2,4,16,64 on CPU; 96,192,384,768 with --gpu)
     n_layer: int = 0  # Transformer blocks (0 = 2 on CPU, 12 with --gpu)
-    n_head: int = 0  # attention heads, fixed across widths (0 = 2 on CPU, 12 with --gpu)
-    seq_len: int = 0  # tokens per sequence L (0 = 32 on CPU, 512 with --gpu)
-    n_train: int = 0  # training sequences N (0 = 128 on CPU, all the training text gives with --gpu)
+    n_head: int = 0  # attention heads, fixed across widths (0 = 1 on CPU, 12 with --gpu)
+    seq_len: int = 0  # tokens per sequence L (0 = 8 on CPU, 512 with --gpu)
+    n_train: int = 0  # training sequences N (0 = 16 on CPU, all the training text gives with --gpu)
     n_val: int = 0  # validation sequences, for picking the best epoch (0 = 128 on CPU, half the held-out text with --gpu)
     n_test: int = 0  # test sequences, after the validation ones (0 = 128 on CPU, the other half with --gpu)
-    epochs: int = 0  # passes over the training set (0 = 150 on CPU, 50 with --gpu)
-    eval_epochs: int = 0  # epochs between evaluations (0 = 1 on CPU, 1 with --gpu)
+    epochs: int = 0  # passes over the training set (0 = 4000 on CPU, 50 with --gpu)
+    eval_epochs: int = 0  # epochs between evaluations (0 = 50 on CPU, 1 with --gpu)
     seeds: int = 1  # independent runs of the whole sweep, seeds --seed .. --seed + seeds - 1
-    batch_size: int = 0  # sequences per optimizer step (0 = 32 on CPU, 12 with --gpu)
-    lr: float = 0.0  # peak learning rate, constant after warm-up (0 = 1e-3 on CPU, 6e-4 with --gpu)
+    batch_size: int = 0  # sequences per optimizer step (0 = 16 on CPU: the whole training set, 12 with --gpu)
+    lr: float = 0.0  # peak learning rate, constant after warm-up (0 = 2e-3 on CPU, 6e-4 with --gpu)
     warmup: int = 10  # linear warm-up steps
     min_lr_ratio: float = 1.0  # cosine end point as a fraction of lr (1 = constant LR, as in the design)
     weight_decay: float = 0.0  # AdamW weight decay (0: nothing should stop memorisation)
     noise: float = 0.0  # fraction of training tokens replaced once by uniform random tokens (label noise)
-    tol: float = 0.1  # a model interpolates when train bits/token <= floor + tol (the verdict is also shown at tol/2 and 2 tol)
+    tol: float = 0.5  # a model interpolates when train bits/token <= floor + tol (the verdict is also shown at tol/2 and 2 tol)
     eps: float = 1e-3  # MDLM: smallest masking time t (the 1/t weight diverges at 0)
     eval_repeats: int = 2  # MDLM k-form samples per sequence at every evaluation (the same masks every time)
     final_repeats: int = 16  # MDLM k-form samples per test sequence at the selected epoch
@@ -88,9 +88,9 @@ class Config(TrainConfig):
     def __post_init__(self):
         super().__post_init__()
         fill_auto(self, data=("prose", "tinyshakespeare"), tokenizer=("char", "gpt2"),  # CPU toy | paper scale
-                  widths=("16,32,64,128", "96,192,384,768"), n_layer=(2, 12), n_head=(2, 12), seq_len=(32, 512),
-                  n_train=(128, 0), n_val=(128, 0), n_test=(128, 0), epochs=(150, 50), eval_epochs=(1, 1),
-                  batch_size=(32, 12), lr=(1e-3, 6e-4), eval_batch=(512, 16))
+                  widths=("2,4,16,64", "96,192,384,768"), n_layer=(2, 12), n_head=(1, 12), seq_len=(8, 512),
+                  n_train=(16, 0), n_val=(128, 0), n_test=(128, 0), epochs=(4000, 50), eval_epochs=(50, 1),
+                  batch_size=(16, 12), lr=(2e-3, 6e-4), eval_batch=(512, 16))
         self.sample_steps = self.sample_steps or self.seq_len
         if self.tokenizer not in ("char", "gpt2"):
             raise ValueError(f"--tokenizer must be auto|char|gpt2, got {self.tokenizer!r}")
