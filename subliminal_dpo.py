@@ -739,6 +739,39 @@ def run_seed(cfg, ctx, seed):
     record["seconds"] = time.time() - t0
     return record
 
+
+def _worker_start(threads):
+    # Own session: a Ctrl-C in the terminal reaches only the parent, which stops the pool (one line)
+    os.setsid()
+    torch.set_num_threads(threads)
+
+
+def run_seeds(cfg, ctx):
+    """Every seed is independent and fully seeded, so seeds may run in parallel processes with the
+    same results as one after another at the same thread count: a tiny model keeps one core busy,
+    not two (one thread per process is the fastest way to use a small CPU)."""
+    seeds = list(range(cfg.seed, cfg.seed + cfg.seeds))
+    workers = 1 if cfg.gpu or ctx.world > 1 else min(cfg.workers or os.cpu_count() or 1, len(seeds))
+    records = []
+    if workers == 1:
+        for seed in seeds:
+            records.append(run_seed(cfg, ctx, seed))
+            print(seed_line(cfg, records[-1]), flush=True)
+        return records
+    threads = cfg.threads or max(1, (os.cpu_count() or 1) // workers)
+    print(f"{workers} processes x {threads} thread(s), one seed each at a time", flush=True)
+    with multiprocessing.get_context("spawn").Pool(workers, _worker_start, (threads,)) as pool:
+        for rec in pool.imap(_run_seed_job, [(cfg, ctx, seed) for seed in seeds]):
+            records.append(rec)
+            print(seed_line(cfg, rec), flush=True)
+        pool.close()
+        pool.join()
+    return records
+
+
+def _run_seed_job(args):
+    return run_seed(*args)
+
 # ----------------------------------------------------------------------------------------------
 # statistics over seeds. Every contrast is one number per seed (a difference paired by seed); no
 # scipy in the venv, so the t quantile and the permutation test are written out here.
@@ -988,39 +1021,6 @@ def bench(cfg, ctx):
     return rows
 
 # ----------------------------------------------------------------------------------------------
-
-
-def _worker_start(threads):
-    # Own session: a Ctrl-C in the terminal reaches only the parent, which stops the pool (one line)
-    os.setsid()
-    torch.set_num_threads(threads)
-
-
-def run_seeds(cfg, ctx):
-    """Every seed is independent and fully seeded, so seeds may run in parallel processes with the
-    same results as one after another: a tiny model keeps one core busy, not two (one thread per
-    process is the fastest way to use a small CPU)."""
-    seeds = list(range(cfg.seed, cfg.seed + cfg.seeds))
-    workers = 1 if cfg.gpu or ctx.world > 1 else min(cfg.workers or os.cpu_count() or 1, len(seeds))
-    records = []
-    if workers == 1:
-        for seed in seeds:
-            records.append(run_seed(cfg, ctx, seed))
-            print(seed_line(cfg, records[-1]), flush=True)
-        return records
-    threads = cfg.threads or max(1, (os.cpu_count() or 1) // workers)
-    print(f"{workers} processes x {threads} thread(s), one seed each at a time", flush=True)
-    with multiprocessing.get_context("spawn").Pool(workers, _worker_start, (threads,)) as pool:
-        for rec in pool.imap(_run_seed_job, [(cfg, ctx, seed) for seed in seeds]):
-            records.append(rec)
-            print(seed_line(cfg, rec), flush=True)
-        pool.close()
-        pool.join()
-    return records
-
-
-def _run_seed_job(args):
-    return run_seed(*args)
 
 
 def seed_line(cfg, rec):
