@@ -141,6 +141,7 @@ def available_memory():
         return int(info["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
         return 0  # unknown (not Linux): no check
+
 # ----------------------------------------------------------------------------------------------
 # the synthetic corpus: a word-level vocabulary and three kinds of document
 
