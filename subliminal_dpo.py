@@ -741,6 +741,9 @@ def run_seed(cfg, ctx, seed):
     return record
 
 
+POOL_START = "spawn"  # workers are fresh interpreters: no thread pools or locks inherited from this one
+
+
 def _worker_start(threads):
     # Own session: a Ctrl-C in the terminal reaches only the parent, which stops the pool (one line)
     os.setsid()
@@ -761,7 +764,7 @@ def run_seeds(cfg, ctx):
         return records
     threads = cfg.threads or max(1, (os.cpu_count() or 1) // workers)
     print(f"{workers} processes x {threads} thread(s), one seed each at a time", flush=True)
-    with multiprocessing.get_context("spawn").Pool(workers, _worker_start, (threads,)) as pool:
+    with multiprocessing.get_context(POOL_START).Pool(workers, _worker_start, (threads,)) as pool:
         for rec in pool.imap(_run_seed_job, [(cfg, ctx, seed) for seed in seeds]):
             records.append(rec)
             print(seed_line(cfg, rec), flush=True)
