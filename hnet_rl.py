@@ -64,8 +64,8 @@ ABLATIONS = {  # name -> overrides of the rl config (the repo's ablation table)
     "rl:no-batch-adv": dict(batch_adv=False),
     "rl:no-early-reward": dict(early_reward=False),
     "rl:window=8": dict(gate_window=8),
-    "rl:no-rate-control": dict(lambda_c=0.0, rate_offset_lr=0.0),
-    "rl:paper-gate": dict(gate_scale=1 / 16, rate_offset_lr=0.0),  # the paper's s and rate control only
+    "rl:no-rate-control": dict(lambda_c=0.0, rate_offset="off"),
+    "rl:paper-gate": dict(gate_scale=1 / 16, rate_offset="off"),  # the paper's s and rate control only
 }
 WHITESPACE = (9, 10, 13, 32)  # \t \n \r space
 
@@ -96,7 +96,8 @@ class Config(TrainConfig):
     lambda_g: float = 0.01  # rl: weight of the policy-gradient loss
     lambda_c: float = 0.01  # rl: weight of the rate-control (consistency) loss (0 = none)
     gate_window: int = 1  # rl: the policy reads the previous gate_window - 1 actions (paper 8; 1 = independent gates)
-    rate_offset_lr: float = -1.0  # rl: step size of a non-learned logit offset steering the realised rate to --rate (0 = off: the paper's consistency loss alone; -1 = auto: 0.5 on CPU, 0 with --gpu)
+    rate_offset: str = "auto"  # rl: a non-learned logit offset nudged by the realised rate toward --rate: on | off (the paper: consistency loss alone) | auto (on on CPU, off with --gpu)
+    rate_offset_lr: float = 0.5  # rl: the offset's step per unit of rate error
     gate_scale: float = 0.0  # rl: scale s of the gate logits s W x (0 = auto: 4 on CPU, the paper's 1/16 with --gpu)
     batch_adv: bool = True  # rl: subtract the per-position batch mean from the reward
     early_reward: bool = True  # rl: reward = CE_early - CE_final (false: reward = -CE_final)
@@ -113,9 +114,7 @@ class Config(TrainConfig):
     def __post_init__(self):
         fill_auto(self, data=("prose", "enwik8"), n_embd=(128, 768), n_head=(4, 12), n_enc=(1, 4),  # CPU toy | paper scale
                   n_main=(2, 12), n_dec=(1, 4), seq_len=(256, 4096), batch_size=(16, 128), max_steps=(400, 12000),
-                  lr=(2e-3, 1.5e-3), warmup=(30, 300), gate_scale=(4.0, 1 / 16), grad_accum=(1, 4), byte_mlp=(4, 1))
-        if self.rate_offset_lr < 0:  # auto (0 means off, so fill_auto cannot resolve it)
-            self.rate_offset_lr = 0.0 if self.gpu else 0.5
+                  lr=(2e-3, 1.5e-3), warmup=(30, 300), gate_scale=(4.0, 1 / 16), grad_accum=(1, 4), byte_mlp=(4, 1), rate_offset=("on", "off"))
         self.seeds = self.seeds or (1 if self.gpu or self.compare else 3)
         super().__post_init__()
         self.eval_every = self.eval_every or max(1, self.max_steps // 6)
@@ -125,6 +124,8 @@ class Config(TrainConfig):
             raise ValueError("--rate must be in (0, 1)")
         if not 0 < self.gamma <= 1:
             raise ValueError("--gamma must be in (0, 1]")
+        if self.rate_offset not in ("on", "off"):
+            raise ValueError("--rate_offset must be on, off or auto")
         if self.eval_gates not in ("sampled", "greedy"):
             raise ValueError("--eval_gates must be sampled or greedy")
         if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
@@ -264,7 +265,7 @@ class ChunkedByteLM(nn.Module):
         self.lm_head = nn.Linear(C, 256, bias=False)
         if self.method == "rl":  # V_t = W x_t in R^w: w-1 weights for previous actions + one bias slot
             self.gate = nn.Linear(C, cfg.gate_window)  # with a bias, as the authors' gater
-            # a non-learned logit offset steered by the realised rate (--rate_offset_lr; 0 = off)
+            # a non-learned logit offset steered by the realised rate (--rate_offset)
             self.register_buffer("rate_offset", torch.zeros(()))
         if self.method == "hnet":
             self.q_proj, self.k_proj = nn.Linear(C, C, bias=False), nn.Linear(C, C, bias=False)
@@ -311,7 +312,7 @@ class ChunkedByteLM(nn.Module):
             a[:, 0] = True  # forced: the first byte always starts a chunk (no gradient: masked below)
         logits = self.rl_logits(V, a)  # the policy that sampled a: the offset moves only after this
         logp = torch.where(a, F.logsigmoid(logits), F.logsigmoid(-logits))  # log pi(a_t), with gradient
-        if self.training and self.cfg.rate_offset_lr:  # integral control: too many boundaries -> lower
+        if self.training and self.cfg.rate_offset == "on":  # integral control: too many boundaries -> lower
             with torch.no_grad():
                 self.rate_offset -= self.cfg.rate_offset_lr * (global_mean(a[:, 1:].float()) - self.cfg.rate)
         # gate_logits, not logits: that key is the LM head's, and the rate control must reach the gate
