@@ -863,6 +863,7 @@ def verdicts(summary, groups):
     B0, p, pooled = min(groups), summary["pairings"], summary["pooled"]
     below = [x for x in p if x["B"] == B0 and sum(x["auroc"]["likelihood"]) < 0.5]  # whole interval below chance
     counts = {v: sum(x["verdict"] == v for x in p) for v in ("better", "worse", "indistinguishable")}
+    unsat = [x["verdict"] for x in p if min(x["auroc"]["gradient"][0], x["auroc"]["typicality"][0]) < 0.99]  # not saturated
     out = dict(nalisnick=bool(below), likelihood_below_chance=[f"{x['model']}/{x['ood']}" for x in below],
                pairing_verdicts=counts, most_pairings=counts["better"] > len(p) / 2,
                mean_difference={k: dict(mean=v["mean"], half_width=v["half"], verdict=v["verdict"]) for k, v in pooled.items()})
@@ -873,7 +874,8 @@ def verdicts(summary, groups):
              f"{a['half']:.3f}: {a['verdict'].upper()} (per seed: {' '.join(f'{d:+.3f}' for d in a['per_seed'])})",
              f"Gradient better than typicality on most pairings (paper's claim), by per-pairing 95% intervals: "
              f"{'YES' if out['most_pairings'] else 'NO'} (better {counts['better']}, worse {counts['worse']}, "
-             f"indistinguishable {counts['indistinguishable']} of {len(p)})"]
+             f"indistinguishable {counts['indistinguishable']} of {len(p)}; where not both >= 0.99: "
+             f"{unsat.count('better')}, {unsat.count('worse')}, {unsat.count('indistinguishable')} of {len(unsat)})"]
     for kind, v in pooled.items():
         if kind != "all":
             mine = [x["verdict"] for x in p if x["model"] == kind]
