@@ -61,7 +61,7 @@ import torch.nn.functional as F
 
 from train import (TrainConfig, parse_config, setup, die, fill_auto, Block, rope_angles, count_params, train,
                    save_results, save_figure, embedded_text, download, maybe_compile, atomic_write, cli, DataError)
-from train import init_weights, make_optimizer, global_mean, Attention, apply_rope
+from train import init_weights, make_optimizer, global_mean, Attention, apply_rope, mean_interval as interval
 
 METHODS = ("rl", "hnet", "uniform", "fixed", "space", "bpe")
 ABLATIONS = {  # name -> overrides of the rl config (the repo's ablation table)
@@ -651,18 +651,6 @@ def variant(cfg, method, overrides=()):
     v = Config(**{**cfg.__dict__, "method": method, **dict(overrides)})
     v.out = cfg.out
     return v
-
-
-# Two-sided 95% Student-t quantiles by degrees of freedom (few seeds: the normal 1.96 is too narrow)
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
-
-
-def interval(xs):
-    """(mean, half-width of the 95% t-interval) over seeds; half-width nan with one seed."""
-    xs = np.asarray(xs, dtype=float)
-    if len(xs) < 2:
-        return float(xs.mean()), math.nan
-    return float(xs.mean()), T95.get(len(xs) - 1, 1.96) * float(xs.std(ddof=1)) / math.sqrt(len(xs))
 
 
 def by_method(rows):
