@@ -434,8 +434,9 @@ def run_one(kind, d, cfg, ctx, data, V):
     if best.get("epoch") != chosen["epoch"]:
         raise DataError(f"{best_path} does not hold epoch {chosen['epoch']}, the best on validation; delete "
                         f"it and {ckpt.name} to train this run again")
-    train_s = max(summary["seconds"] - eval_time[0], 1e-9)
-    tok_s = summary["steps"] * cfg.batch_size * cfg.seq_len / train_s if eval_time[0] else summary["items_per_s"]
+    # tokens trained in this process (none when --resume found the run finished), evaluation excluded
+    trained = summary["items_per_s"] * summary["seconds"]
+    tok_s = trained / max(summary["seconds"] - eval_time[0], 1e-9) if trained else None
     # The test loss at the selected epoch is scored again with --final_repeats fresh k-form samples
     # per sequence (AR: the same exact NLL), for a small Monte-Carlo error and per-sequence values.
     selected = build(kind, cfg, V, d).to(ctx.device)
@@ -680,7 +681,7 @@ def report(cfg, summary, floor):
     print(f"  No pronounced second descent in either model (paper: none): "
           f"{'YES' if summary['no_pronounced_second_descent'] else 'NO'}")
     print("\ntraining throughput, tokens/s (evaluation time excluded): " + "; ".join(
-        f"{k.upper()} " + "/".join(f"{M[k]['tokens_per_s'][d]:,.0f}" for d in widths) for k in kinds)
+        f"{k.upper()} " + "/".join(f"{v:,.0f}" if v else "-" for v in M[k]["tokens_per_s"].values()) for k in kinds)
         + " for d = " + "/".join(map(str, widths)))
 
 
