@@ -41,12 +41,12 @@ instead of RMSNorm; H-Net's EMA is an exact O(M^2) closed form instead of the Ma
 residual projection in H-Net (every method adds the encoder residual directly); the last byte is not
 forced to be a boundary; RL gates are sampled at evaluation too (--eval_gates=greedy to threshold),
 with the soft cap still on; AdamW with weight decay 0.1 and beta2 0.95 on every matrix, the gate's too.
-On CPU the rl gate scale is s = 1/4 instead of 1/16: AdamW moves each weight by about lr per step
-whatever the gradient's size, so s sets how fast the policy can change, and at 4 KB per step (the
-paper: 512 KB) s = 1/16 does not move in 1200 steps (README: the sweep that chose it). The rate is
-held by the paper's consistency loss alone (--rate_offset=on adds a logit offset nudged each step by
-the realised rate). The byte blocks' MLP is 4d on CPU (the authors' d with --gpu). --gpu keeps the
-paper's s = 1/16 and batch of 128 x 4096 bytes.
+On CPU the rl gate scale is s = 4 instead of 1/16 and a logit offset, nudged each step by the
+realised rate, helps the consistency loss hold the rate (--rate_offset): AdamW moves each weight by
+about lr per step whatever the gradient's size, so s sets how fast the policy can change, and at
+4 KB per step (the paper: 512 KB) s = 1/16 does not move in 1200 steps (README: the sweep that chose
+this). The byte blocks' MLP is 4d on CPU (the authors' d with --gpu). --gpu keeps the paper's
+s = 1/16, consistency loss alone and batch of 128 x 4096 bytes.
 Defaults run offline in a few minutes (English prose shipped with Python). `--gpu` is the paper's
 scale (d 768, 4/12/4 blocks, 4096-byte sequences, enwik8); no hand-written Triton anywhere.
 """
@@ -71,7 +71,7 @@ ABLATIONS = {  # name -> overrides of the rl config (the repo's ablation table)
     "rl:window=8": dict(gate_window=8),
     "rl:no-rate-control": dict(lambda_c=0.0, rate_offset="off"),
     "rl:paper-gate": dict(gate_scale=1 / 16),  # the paper's gate scale
-    "rl:rate-offset": dict(rate_offset="on"),  # a logit offset steering the rate, besides the consistency loss
+    "rl:no-rate-offset": dict(rate_offset="off"),  # the paper's rate control alone
 }
 WHITESPACE = (9, 10, 13, 32)  # \t \n \r space
 
@@ -81,7 +81,7 @@ class Config(TrainConfig):
     method: str = "rl"  # boundary method: rl | hnet | uniform | fixed | space | bpe
     compare: bool = False  # train every method with the same budget and seed, print one table
     seeds: int = 0  # independent seeds per method (from --seed), table of mean +- 95% t-interval (0 = 3 for one method on CPU, 1 with --compare or --gpu)
-    ablations: bool = False  # with --compare: also the rl ablations (gamma=1, no batch advantage, no early-exit reward, window 8, no rate control, the paper's gate scale, a rate offset)
+    ablations: bool = False  # with --compare: also the rl ablations (gamma=1, no batch advantage, no early-exit reward, window 8, no rate control, the paper's gate scale, no rate offset)
     data: str = "auto"  # auto (prose on CPU, enwik8 with --gpu) | prose | code (text shipped with Python) | enwik8 | tinyshakespeare | path to a text file (first 90 percent train)
     rate: float = 0.2  # target boundaries per byte (1/rate bytes per chunk)
     n_embd: int = 0  # model width (0 = 128 on CPU, 768 with --gpu)
@@ -102,9 +102,9 @@ class Config(TrainConfig):
     lambda_g: float = 0.01  # rl: weight of the policy-gradient loss
     lambda_c: float = 0.01  # rl: weight of the rate-control (consistency) loss (0 = none)
     gate_window: int = 1  # rl: the policy reads the previous gate_window - 1 actions (paper 8; 1 = independent gates)
-    rate_offset: str = "off"  # rl: on = also a non-learned logit offset nudged every step by the realised rate toward --rate; off = the paper's consistency loss alone
+    rate_offset: str = "auto"  # rl: on = also a non-learned logit offset nudged every step by the realised rate toward --rate; off = the paper's consistency loss alone; auto = on on CPU, off with --gpu
     rate_offset_lr: float = 0.5  # rl: the offset's step per unit of rate error
-    gate_scale: float = 0.0  # rl: scale s of the gate logits s W x (0 = auto: 1/4 on CPU, the paper's 1/16 with --gpu)
+    gate_scale: float = 0.0  # rl: scale s of the gate logits s W x (0 = auto: 4 on CPU, the paper's 1/16 with --gpu)
     batch_adv: bool = True  # rl: subtract the per-position batch mean from the reward
     early_reward: bool = True  # rl: reward = CE_early - CE_final (false: reward = -CE_final)
     eval_gates: str = "sampled"  # rl at evaluation: sampled (fixed noise, as the authors) | greedy (logit > 0)
@@ -120,7 +120,7 @@ class Config(TrainConfig):
     def __post_init__(self):
         fill_auto(self, data=("prose", "enwik8"), n_embd=(128, 768), n_head=(4, 12), n_enc=(1, 4),  # CPU toy | paper scale
                   n_main=(2, 12), n_dec=(1, 4), seq_len=(256, 4096), batch_size=(16, 128), max_steps=(400, 12000),
-                  lr=(2e-3, 1.5e-3), warmup=(30, 300), gate_scale=(0.25, 1 / 16), grad_accum=(1, 4), byte_mlp=(4, 1))
+                  lr=(2e-3, 1.5e-3), warmup=(30, 300), gate_scale=(4.0, 1 / 16), grad_accum=(1, 4), byte_mlp=(4, 1), rate_offset=("on", "off"))
         self.seeds = self.seeds or (1 if self.gpu or self.compare else 3)
         super().__post_init__()
         self.eval_every = self.eval_every or max(1, self.max_steps // 6)
@@ -131,7 +131,7 @@ class Config(TrainConfig):
         if not 0 < self.gamma <= 1:
             raise ValueError("--gamma must be in (0, 1]")
         if self.rate_offset not in ("on", "off"):
-            raise ValueError("--rate_offset must be on or off")
+            raise ValueError("--rate_offset must be on, off or auto")
         if self.eval_gates not in ("sampled", "greedy"):
             raise ValueError("--eval_gates must be sampled or greedy")
         if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
