@@ -475,15 +475,6 @@ def interpolation(records, floor, tol, widths):
     return dict(width=d, params=first[d]["params"], epoch=first[d]["epoch"], located=d > min(widths)), first
 
 
-def frontier(records, floor, tol, budgets):
-    """For each epoch budget: the smallest width that has interpolated by then (None: none has)."""
-    reached = {}
-    for r in records:
-        if r["train_bpt"] <= floor + tol:
-            reached[r["width"]] = min(reached.get(r["width"], 1e9), r["epoch"])
-    return {e: min((d for d, e0 in reached.items() if e0 <= e), default=None) for e in budgets}
-
-
 def ar_first(a, m):
     """Does AR reach its threshold at a smaller width, or at the same width in fewer epochs?
     None when neither model interpolated."""
