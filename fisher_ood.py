@@ -46,7 +46,7 @@ a score is a deterministic function of (model, example, seed) and the three grad
 exactly the same loss.
 
 Default: offline procedural shapes, all four models (VAE with Gaussian and with Bernoulli decoder,
-diffusion, flow), one seed, about 1.5 minutes on 2 CPU cores. `--data=fashionmnist|mnist` downloads the classic
+diffusion, flow), one seed, under 2 minutes of CPU time. `--data=fashionmnist|mnist` downloads the classic
 pair (checked by size and md5). `--gpu` selects wider models, more data and steps. `--bench` times the
 per-example norms (fast / one plain backward / vmap / loop) at batch 128. No hand-written Triton anywhere.
 """
