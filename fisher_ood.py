@@ -120,6 +120,8 @@ class Config(TrainConfig):
             raise ValueError("--latent, --hidden, --couplings, --chunk must be >= 1 and --vae_sigma > 0")
         if self.batch_size < 1 or self.bench_batch < 1 or self.seeds < 1 or self.draws < 1:
             raise ValueError("--batch_size, --bench_batch, --seeds and --draws must be >= 1")
+        if self.seed + self.seeds > 2**32:
+            raise ValueError("--seed + --seeds must stay below 2^32")
         if Path(self.data_dir).exists() and not Path(self.data_dir).is_dir():
             raise ValueError(f"--data_dir={self.data_dir} is a file, not a directory")
 
