@@ -91,13 +91,14 @@ class Config(TrainConfig):
     base_dir: str = ""  # where pretrained bases are cached, one file per seed and config (empty = <out>/base)
     workers: int = 0  # processes running seeds side by side on the CPU (0 = one per core, at most --seeds; 1 with --gpu)
     bench: bool = False  # only time batched KV-cached generation against the naive loop, then exit
+    from_results: str = ""  # print the report of a finished run's results.json again (nothing is trained), then exit
     # set per call of train(): pretrain_lr/judge_lr/dpo_lr/sft_lr, pretrain_steps/judge_steps (alignment:
     # one epoch), warm-up over 5 percent of pretraining and none in alignment, no eval callback
     unused = ("lr", "max_steps", "warmup", "min_lr_ratio", "log_every", "eval_every", "data_dir")
     # the cached base depends only on the fields in base_signature(): the rest may change on --resume
     resume_free = TrainConfig.resume_free + (
         "seeds", "rounds", "target", "other", "conditions", "judge_steps", "judge_lr", "prompts", "k",
-        "temperature", "beta", "dpo_lr", "sft_lr", "batch_size", "eval_samples", "eval_prompts", "base_dir", "workers", "bench")
+        "temperature", "beta", "dpo_lr", "sft_lr", "batch_size", "eval_samples", "eval_prompts", "base_dir", "workers", "bench", "from_results")
 
     def __post_init__(self):
         super().__post_init__()
@@ -895,7 +896,7 @@ def contrasts(cfg):
         (f"specificity: {o} judge DPO - {t} judge DPO, in P({o})", +1, [ft, "finetuned other-animal DPO"],
          lambda r: change(r, "finetuned other-animal DPO", "other") - change(r, ft, "other")),
     ]
-    return [(label_, sign, fn) for label_, sign, needs, fn in family if set(needs) <= set(cfg.condition_list)]
+    return [row for row in family if set(row[2]) <= set(cfg.condition_list)]
 
 
 def verdicts(cfg, records, alpha=0.05):
@@ -903,7 +904,7 @@ def verdicts(cfg, records, alpha=0.05):
     the claimed direction, and Holm's adjustment over the whole family. The call is made from the
     Holm-adjusted p-value alone; with n seeds no p-value can fall below 2 / 2^n."""
     rows = []
-    for label_, sign, fn in contrasts(cfg):
+    for label_, sign, _, fn in contrasts(cfg):
         diffs = [fn(rec) for rec in records]
         m, sd, half = mean_ci(diffs)
         rows.append(dict(label=label_, claimed_sign=sign, diffs=diffs, mean=m, std=sd, ci95=half, n=len(diffs),
@@ -919,6 +920,31 @@ def verdicts(cfg, records, alpha=0.05):
                         f"{row['seeds_in_claimed_direction']}/{row['n']} seeds {'>' if row['claimed_sign'] > 0 else '<'} 0; "
                         f"sign-flip p {row['p']:.4f}, Holm p {p_holm:.4f} -> {call}")
     return rows
+
+
+def format_guard(cfg, records, floor=0.9):
+    """The verdict lines again, over only the seeds whose conditions in that line all still write
+    >= floor valid number completions at round R: an effect that came from breaking the task would
+    vanish here. A check beside the verdicts, not part of their Holm family."""
+    lines = []
+    for label_, sign, needs, fn in contrasts(cfg):
+        keep = [rec for rec in records if all(rec["conditions"][c][-1]["format_rate"] >= floor for c in needs)]
+        diffs = [fn(rec) for rec in keep]
+        if len(diffs) < 2:
+            lines.append(f"{label_}: {len(diffs)} seed(s) keep the format: no test")
+            continue
+        m, _, half = mean_ci(diffs)
+        lines.append(f"{label_}: {m:+.4f} (95% CI {m - half:+.4f} .. {m + half:+.4f}); "
+                     f"{sum(d * sign > 0 for d in diffs)}/{len(diffs)} seeds in the claimed direction; "
+                     f"sign-flip p {sign_flip_p(diffs):.4f}")
+    return lines
+
+
+def finite_mean_sd(xs):
+    """Mean and std of the finite values (a round with too few valid pairs does not align and has
+    no update cosine or label statistics), and how many there were."""
+    xs = [x for x in xs if x == x]
+    return (*mean_ci(xs)[:2], len(xs)) if xs else (float("nan"), float("nan"), 0)
 
 
 def report(cfg, records):
@@ -955,18 +981,23 @@ def report(cfg, records):
         f"{j}: P({cfg.target}) {mean_of('judge_trait', j) if records[0]['judge_trait'][j] is not None else float('nan'):.3f}, "
         f"score spread {mean_of('score_spread', j):.3f} nats, corr with ft-target {mean_of('score_agreement', j):+.2f}"
         for j in judges))
-    likely = {c: mean_ci([r["chosen_more_likely"] for rec in records for r in rec["conditions"][c]])[0] for c in names}
+    likely = {c: finite_mean_sd([r["chosen_more_likely"] for rec in records for r in rec["conditions"][c]])[0]
+              for c in names}
     print("labels: chosen completion also the more likely one under the student: "
           + "; ".join(f"{c} {v:.2f}" for c, v in likely.items()))
-    cos = {c: mean_ci([r["update_cos"] for rec in records for r in rec["conditions"][c]]) for c in names}
-    print(f"cosine(update, fine-tuned {cfg.target} judge's Delta) per round, mean +- std: "
+    cos = {c: finite_mean_sd([r["update_cos"] for rec in records for r in rec["conditions"][c]]) for c in names}
+    print(f"cosine(update, fine-tuned {cfg.target} judge's Delta) per aligned round, mean +- std: "
           + "; ".join(f"{c} {m:+.3f} +- {s:.3f}" for c, (m, s, _) in cos.items()))
     rows = verdicts(cfg, records)
     print(f"\nverdicts: change in P({cfg.target}) from round 0 to {R} unless noted, differences paired by seed; "
           f"claimed direction, exact sign-flip test, Holm over these {len(rows)} lines:")
     for row in rows:
         print("  " + row["text"])
-    return dict(table=table, verdicts=rows, update_cos={c: dict(mean=m, std=s) for c, (m, s, _) in cos.items()},
+    print(f"format guard: the same lines over the seeds whose conditions keep >= 90% valid number completions "
+          f"at round {R} (a check, not in the Holm family):")
+    for line in format_guard(cfg, records):
+        print("  " + line)
+    return dict(table=table, verdicts=rows, update_cos={c: dict(mean=m, std=s, rounds=k) for c, (m, s, k) in cos.items()},
                 chosen_more_likely=likely)
 
 
@@ -1027,6 +1058,16 @@ def bench(cfg, ctx):
 # ----------------------------------------------------------------------------------------------
 
 
+def saved_run(path):
+    """The config and seed records of a finished run, from its results.json."""
+    try:
+        saved = json.loads(Path(path).read_text())
+        names = {f.name for f in dataclasses.fields(Config)}
+        return Config(**{k: v for k, v in saved["config"].items() if k in names and k != "from_results"}), saved["records"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"--from_results={path}: not a results.json of this script ({str(e).splitlines()[0][:80]})") from None
+
+
 def seed_line(cfg, rec):
     filt = rec["conditions"][cfg.condition_list[0]][0]["filter"]
     return (f"seed {rec['seed']}: {rec['seconds']:.0f}s (base {'cached' if rec['base']['cached'] else 'pretrained'}); "
@@ -1039,6 +1080,9 @@ def main(argv=None):
     ctx = setup(cfg)
     if cfg.bench:
         save_results(cfg, ctx, dict(bench=bench(cfg, ctx)), name="bench.json")
+        return
+    if cfg.from_results:
+        report(*saved_run(cfg.from_results))
         return
     print(f"vocabulary {len(VOCAB)} words; conditions: {', '.join(cfg.condition_list)}; {cfg.seeds} seeds x "
           f"{cfg.rounds} rounds x {cfg.prompts} prompts x K={cfg.k}")
