@@ -899,6 +899,10 @@ def contrasts(cfg):
     return [row for row in family if set(row[2]) <= set(cfg.condition_list)]
 
 
+def fmt_p(p):
+    return f"{p:.4f}" if p >= 1e-3 else f"{p:.1e}"
+
+
 def verdicts(cfg, records, alpha=0.05):
     """Per contrast: mean difference, 95% t-interval (n - 1 df), the exact sign-flip p-value, seeds in
     the claimed direction, and Holm's adjustment over the whole family. The call is made from the
@@ -918,7 +922,7 @@ def verdicts(cfg, records, alpha=0.05):
         row.update(p_holm=p_holm, call=call,
                    text=f"{row['label']}: {row['mean']:+.4f} (95% CI {lo:+.4f} .. {hi:+.4f}); "
                         f"{row['seeds_in_claimed_direction']}/{row['n']} seeds {'>' if row['claimed_sign'] > 0 else '<'} 0; "
-                        f"sign-flip p {row['p']:.4f}, Holm p {p_holm:.4f} -> {call}")
+                        f"sign-flip p {fmt_p(row['p'])}, Holm p {fmt_p(p_holm)} -> {call}")
     return rows
 
 
@@ -936,7 +940,7 @@ def format_guard(cfg, records, floor=0.9):
         m, _, half = mean_ci(diffs)
         lines.append(f"{label_}: {m:+.4f} (95% CI {m - half:+.4f} .. {m + half:+.4f}); "
                      f"{sum(d * sign > 0 for d in diffs)}/{len(diffs)} seeds in the claimed direction; "
-                     f"sign-flip p {sign_flip_p(diffs):.4f}")
+                     f"sign-flip p {fmt_p(sign_flip_p(diffs))}")
     return lines
 
 
