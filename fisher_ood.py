@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from train import (cli, TrainConfig, parse_config, setup, die, fill_auto, count_params, train, save_results,
-                   save_figure, download_url)
+                   save_figure, download_url, mean_interval)
 from train import DataError, atomic_save, load_checked
 
 
@@ -688,21 +688,6 @@ def fpr_at_tpr(id_scores, ood_scores, tpr=0.95):
     return float(np.mean(np.asarray(ood_scores) >= thr))
 
 
-@functools.lru_cache(maxsize=None)
-def t_quantile(df, q=0.975):
-    """Student-t quantile (no scipy here): bisection on the CDF, integrated numerically."""
-    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
-
-    def cdf(x):
-        u = np.linspace(0, x, 4001)
-        return 0.5 + np.trapezoid(c * (1 + u * u / df) ** (-(df + 1) / 2), u)
-
-    lo, hi = 0.0, 100.0
-    for _ in range(50):
-        lo, hi = ((lo + hi) / 2, hi) if cdf((lo + hi) / 2) < q else (lo, (lo + hi) / 2)
-    return (lo + hi) / 2
-
-
 Z95 = 1.959963984540054  # the normal 97.5% quantile: two-sided 95% intervals
 METHODS = ["likelihood", "typicality", "gradient"]
 
@@ -765,7 +750,7 @@ def interval(values, ses):
     v = np.asarray(values, dtype=np.float64)
     if len(v) == 1:
         return float(v[0]), Z95 * float(ses[0])
-    return float(v.mean()), t_quantile(len(v) - 1) * float(v.std(ddof=1)) / math.sqrt(len(v))
+    return mean_interval(v)
 
 
 def verdict(mean, half):

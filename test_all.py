@@ -1034,6 +1034,22 @@ def test_subliminal_verdicts_are_computed_from_the_numbers(capsys):
     assert sd.verdicts(cfg, recs[:4])[0]["call"].startswith("not shown")  # 4 seeds: p >= 0.125 whatever the data
 
 
+def test_subliminal_report_again_from_results_json_and_format_guard(tmp_path, capsys):
+    cfg = sd.Config(rounds=2)
+    recs = fake_records({"finetuned DPO": 0.01, "finetuned DPO swapped": -0.01})
+    recs[0]["conditions"]["finetuned DPO"][-1]["format_rate"] = 0.1  # one seed broke the task: the guard drops it
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(dict(config=dataclasses.asdict(cfg), records=recs)))
+    sd.main([f"--from_results={path}", f"--out={tmp_path}", "--threads=1"])
+    out = capsys.readouterr().out
+    guard = out.split("format guard: the same lines")[1].splitlines()
+    assert "holds, as claimed" in out and "9/9 seeds in the claimed direction" in guard[1], guard
+    path.write_text("{not json")
+    with pytest.raises(SystemExit) as e:
+        train.cli(lambda: sd.main([f"--from_results={path}", f"--out={tmp_path}", "--threads=1"]))
+    assert e.value.code == 1 and "not a results.json" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flag", ["--eval_samples=0", "--eval_prompts=0", "--rounds=0", "--prompts=1000000000"])
 def test_subliminal_bad_input_is_refused_before_any_work(flag, capsys):
     with pytest.raises(SystemExit) as e:
@@ -1590,8 +1606,7 @@ def test_fisher_delong_standard_errors_match_brute_force_and_bootstrap():
     assert pooled[1] == pytest.approx(sd[2], rel=0.2) and pooled[0] == pytest.approx(np.mean([r["diff"] for r in rows]))
     # pairing pays: the paired error is well below the error of two independent AUROCs
     assert rows[0]["diff_se"] < 0.8 * math.hypot(rows[0]["se"]["gradient"], rows[0]["se"]["typicality"])
-    for df, want in ((1, 12.706), (4, 2.776), (30, 2.042)):
-        assert fo.t_quantile(df) == pytest.approx(want, abs=2e-3)
+    assert fo.interval([0.1, 0.3], [0.0, 0.0]) == pytest.approx((0.2, 12.706 * 0.1), abs=1e-3)  # the t, not 1.96
 
 
 def fo_fake_runs(diffs, like=0.3):
@@ -1790,7 +1805,7 @@ def test_fisher_cli_bad_input(capsys):
     lines = [l for l in r.stderr.splitlines() if l.strip()]
     assert r.returncode == 2 and len(lines) == 1 and "error" in lines[0] and "Traceback" not in r.stderr, r.stderr
     for args in (["--batch_sizes=1,x"], ["--diff_t=1000"], ["--diff_t=-1"], ["--data=svhn"], ["--n_test=-1"], ["--nope"],
-                 ["--seeds=0"], [f"--data_dir={FO_ROOT / 'fisher_ood.py'}"]):
+                 ["--seeds=0"], ["--seed=4294967295", "--seeds=2"], [f"--data_dir={FO_ROOT / 'fisher_ood.py'}"]):
         with pytest.raises(SystemExit) as e:  # the same parser in-process: cheaper than a subprocess each
             fo.parse_config(fo.Config, "fisher_ood", args)
         assert e.value.code == 2
