@@ -61,7 +61,7 @@ import torch
 import torch.nn.functional as F
 
 from train import (cli, TrainConfig, parse_config, setup, fill_auto, TransformerLM, count_params, train,
-                   save_results, save_figure, load_checked, DataError)
+                   save_results, save_figure, load_checked, DataError, t_quantile)
 
 
 @dataclass
@@ -779,47 +779,7 @@ def _run_seed_job(args):
 
 # ----------------------------------------------------------------------------------------------
 # statistics over seeds. Every contrast is one number per seed (a difference paired by seed); no
-# scipy in the venv, so the t quantile and the permutation test are written out here.
-
-
-def betainc(a, b, x):
-    """Regularised incomplete beta I_x(a, b): its continued fraction evaluated by Lentz's method,
-    which converges fast for x < (a + 1) / (a + b + 2); I_x(a, b) = 1 - I_{1-x}(b, a) covers the rest."""
-    if x <= 0.0 or x >= 1.0:
-        return min(max(x, 0.0), 1.0)
-    if x > (a + 1) / (a + b + 2):
-        return 1.0 - betainc(b, a, 1.0 - x)
-    tiny = 1e-300
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    frac = d
-    for m in range(1, 500):
-        # the even and the odd coefficient of the fraction's m-th pair of terms
-        for coef in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                     -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
-            d = 1.0 + coef * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + coef / c
-            c = c if abs(c) > tiny else tiny
-            frac *= c * d
-        if abs(c * d - 1.0) < 1e-15:
-            break
-    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    return math.exp(log_front) * frac / a
-
-
-def t_two_sided_p(t, df):
-    """P(|T| >= |t|) for Student's t with df degrees of freedom."""
-    return betainc(df / 2, 0.5, df / (df + t * t))
-
-
-def t_quantile(level, df):
-    """The t with P(|T| <= t) = level, by bisection on the two-sided tail (monotone in t)."""
-    lo, hi = 0.0, 1e7
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if t_two_sided_p(mid, df) > 1 - level else (lo, mid)
-    return (lo + hi) / 2
+# scipy in the venv, so the permutation test is written out here (the t quantile is train.py's).
 
 
 def mean_ci(xs, level=0.95):
@@ -829,7 +789,7 @@ def mean_ci(xs, level=0.95):
     if n < 2:
         return m, float("nan"), float("nan")
     sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
-    return m, sd, t_quantile(level, n - 1) * sd / math.sqrt(n)
+    return m, sd, t_quantile(n - 1, level) * sd / math.sqrt(n)
 
 
 def sign_flip_p(diffs, draws=200_000, seed=0):

@@ -979,15 +979,11 @@ def test_subliminal_prompted_judge_is_the_papers_score_and_control():
     assert torch.allclose(control, by_hand["neutral"], atol=1e-4)
 
 
-def test_subliminal_t_quantile_matches_the_table_for_any_n():
-    table = {1: 12.706, 2: 4.303, 4: 2.776, 9: 2.262, 12: 2.179, 15: 2.131, 30: 2.042, 120: 1.980}
-    for df, t in table.items():
-        assert abs(sd.t_quantile(0.95, df) - t) < 1e-3, df
-    assert abs(sd.t_quantile(0.99, 7) - 3.499) < 1e-3
-    assert abs(sd.betainc(2, 3, 0.4) - 0.5248) < 1e-12  # = P(Binomial(4, 0.4) >= 2)
+def test_subliminal_mean_ci_uses_the_t_with_n_minus_1_degrees_of_freedom():
     xs = [0.1 * i for i in range(13)]  # 13 seeds: t with 12 degrees of freedom, not the normal 1.96
     m, sd_, half = sd.mean_ci(xs)
     assert abs(half - 2.179 * sd_ / 13 ** 0.5) < 1e-3 * sd_
+    assert abs(sd.mean_ci(xs[:8], 0.99)[2] - 3.499 * sd.mean_ci(xs[:8])[1] / 8 ** 0.5) < 1e-3
 
 
 def test_subliminal_sign_flip_p_is_exact_and_holm_steps_down():
