@@ -732,7 +732,7 @@ def report(rows, cfg, ws_share):
         for line in lines:
             print("  " + line)
     if len(by) == 1:
-        print("  (run --compare for rl vs uniform/fixed/hnet/space/bpe at the same budget, --seeds=3 for intervals)")
+        print("  (--method=uniform|fixed|hnet|space|bpe runs a baseline the same way; --compare runs them all, one seed)")
     return lines
 
 
