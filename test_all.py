@@ -64,11 +64,14 @@ def test_train_help_text_comes_from_field_comments(capsys):
     assert "model width (90% of it)" in out and "peak learning rate" in out
 
 
-def test_train_cli_bad_input_is_one_line_without_traceback():
+def test_train_cli_bad_input_is_one_line_without_traceback(tmp_path, capsys):
     code, err = run_cli("train.py", "--bench", "--lr=-3")
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
-    code, err = run_cli("train.py", "--bench", "--gpu") if not torch.cuda.is_available() else (1, "error: x")
-    assert code == 1 and "Traceback" not in err and err.startswith("error:")
+    if not torch.cuda.is_available():  # --gpu without CUDA: one line, before any work
+        with pytest.raises(SystemExit) as e:
+            train.setup(TrainConfig(out=str(tmp_path), gpu=True))
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and err.startswith("error:") and err.count("\n") == 1
 
 # ----------------------------------------------------------------------------------------------
 # train.py: the shared block
@@ -367,10 +370,12 @@ def test_train_second_run_into_the_same_out_refuses(tmp_path, capsys):
     assert (tmp_path / ".lock").exists()
 
 
-def _ddp_worker(rank, world, port, tmp, out):
+def _ddp_worker(rank, world, port, tmp):
+    """One 2-rank gloo launch serves both DDP tests (a launch costs seconds): the engine's toy run,
+    then one step of every script's own model and loss."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    cfg, ctx, model, get_batch, _ = toy_setup(Path(tmp), max_steps=2, warmup=1, batch_size=12, grad_accum=3)
+    cfg, ctx, model, get_batch, _ = toy_setup(Path(tmp) / "ddp", max_steps=2, warmup=1, batch_size=12, grad_accum=3)
     draws = []
 
     def loss_fn(m, x):
@@ -380,21 +385,29 @@ def _ddp_worker(rank, world, port, tmp, out):
         return loss, {"stat": stat}
     out_ = train.train(model, get_batch, loss_fn, cfg, ctx)
     assert (getattr(sys.stdout, "name", "") == os.devnull) == (rank > 0)  # one report: rank 0's
-    torch.save(dict(state=model.state_dict(), draws=draws, stat=out_["history"][-1]["stat"]), f"{out}.{rank}")
+    torch.save(dict(state=model.state_dict(), draws=draws, stat=out_["history"][-1]["stat"]), f"{tmp}/ddp.pt.{rank}")
+    states = {name: _one_step(name, Path(tmp) / name.replace(":", "_")) for name in CASES}
+    torch.save(states, Path(tmp) / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
-def test_train_ddp_two_processes_equal_one_process(tmp_path):
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
     import socket
     import torch.multiprocessing as mp
+    tmp = tmp_path_factory.mktemp("ddp")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path / "ddp"), str(tmp_path / "ddp.pt")), nprocs=2)
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp)), nprocs=2)
+    return tmp
+
+
+def test_train_ddp_two_processes_equal_one_process(tmp_path, ddp_runs):
     cfg, ctx, model, get_batch, _ = toy_setup(tmp_path / "one", max_steps=2, warmup=1, batch_size=12)
     loss_fn = lambda m, x: (F.cross_entropy(m(x[:, :-1]).reshape(-1, 8), x[:, 1:].reshape(-1)), {})
     train.train(model, get_batch, loss_fn, cfg, ctx)
-    r0, r1 = (torch.load(tmp_path / f"ddp.pt.{r}") for r in (0, 1))
+    r0, r1 = (torch.load(ddp_runs / f"ddp.pt.{r}") for r in (0, 1))
     for k, v in model.state_dict().items():  # 2 ranks x 3 micro-steps x 2 rows = one process x 12 rows
         torch.testing.assert_close(r0["state"][k], v, atol=1e-6, rtol=1e-5)
         assert torch.equal(r0["state"][k], r1["state"][k])
@@ -1864,25 +1877,11 @@ def _one_step(name, out, ctx_over=None, **cfg_over):
     return model.state_dict()
 
 
-def _scripts_ddp_worker(rank, world, port, tmp):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    states = {name: _one_step(name, Path(tmp) / name.replace(":", "_")) for name in CASES}
-    torch.save(states, Path(tmp) / f"rank{rank}.pt")
-    torch.distributed.destroy_process_group()
-
-
-def test_scripts_two_ranks_equal_one_process_on_the_combined_batch(tmp_path):
+def test_scripts_two_ranks_equal_one_process_on_the_combined_batch(tmp_path, ddp_runs):
     # For every script that trains through train(): one step on 2 gloo ranks (2 rows each) equals one
     # step of one process on all 4 rows, and one process with --grad_accum=2. The noise is given in
     # the batch; statistics over the batch (hnet_rl's advantage baseline and rate) are global.
-    import socket
-    import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_scripts_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    ranks = [torch.load(ddp_runs / f"rank{r}.pt") for r in (0, 1)]
     for name in CASES:
         one = _one_step(name, tmp_path / "one" / name.replace(":", "_"))
         accum = _one_step(name, tmp_path / "accum" / name.replace(":", "_"), grad_accum=2)
