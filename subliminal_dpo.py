@@ -52,13 +52,14 @@ Default: a few CPU minutes on 2 cores (bases cached per seed in out/subliminal_d
 `--gpu` runs bigger models and more prompts. `--bench` times batched KV-cached sampling against a
 naive one-sequence, no-cache loop. No hand-written Triton anywhere.
 """
-import copy, dataclasses, hashlib, json, math, multiprocessing, os, random, sys, time
+import copy, dataclasses, hashlib, json, math, multiprocessing, os, random, sys, threading, time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from train import (cli, TrainConfig, parse_config, setup, fill_auto, TransformerLM, count_params, train,
                    save_results, save_figure, load_checked, DataError, t_quantile)
@@ -749,6 +750,9 @@ def _worker_start(threads):
     # Own session: a Ctrl-C in the terminal reaches only the parent, which stops the pool (one line)
     os.setsid()
     torch.set_num_threads(threads)
+    # tqdm's default lock is a multiprocessing semaphore; a stopped worker would leave it behind
+    # (and a warning about it): a thread lock is all one worker's progress bars need
+    tqdm.set_lock(threading.RLock())
 
 
 def run_seeds(cfg, ctx):
@@ -765,12 +769,18 @@ def run_seeds(cfg, ctx):
         return records
     threads = cfg.threads or max(1, (os.cpu_count() or 1) // workers)
     print(f"{workers} processes x {threads} thread(s), one seed each at a time", flush=True)
-    with multiprocessing.get_context(POOL_START).Pool(workers, _worker_start, (threads,)) as pool:
+    pool = multiprocessing.get_context(POOL_START).Pool(workers, _worker_start, (threads,))
+    try:
         for rec in pool.imap(_run_seed_job, [(cfg, ctx, seed) for seed in seeds]):
             records.append(rec)
             print(seed_line(cfg, rec), flush=True)
         pool.close()
+    except BaseException:  # Ctrl-C or a failed seed: stop the workers before the one error line
+        pool.terminate()
+        raise
+    finally:
         pool.join()
+        print(file=sys.stderr)  # end the workers' last progress-bar line
     return records
 
 

@@ -3,7 +3,7 @@ test_all.py: fast invariant tests for train.py and the four paper scripts (pytes
 Tiny models, fixed seeds; the whole file runs in well under a minute on 2 CPU cores.
 Anything slower is marked `@slow` and skipped by default (RUN_SLOW=1 python -m pytest test_all.py).
 """
-import copy, dataclasses, itertools, json, math, os, random, signal, subprocess, sys, warnings
+import copy, dataclasses, itertools, json, math, os, random, signal, subprocess, sys, time, warnings
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,36 @@ def run_cli(*args, timeout=120):
     """Run a repository script as a user would; return (exit code, stderr)."""
     p = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     return p.returncode, p.stderr
+
+
+# Each command-line check is one real process, as a user runs it; most of its time is importing torch.
+# The suite's own process keeps one core busy, so these start in the background on the other before
+# the first test, and each test collects its own result.
+BACKGROUND = {
+    "train": ["train.py", "--bench", "--lr=-3"],
+    "train_ctrl_c": ["-c", "import train\ndef main():\n    raise KeyboardInterrupt\ntrain.cli(main)"],
+    "dva": ["diffusion_vs_ar.py", "--widths=5"],
+    "subliminal": ["subliminal_dpo.py", "--target=tiger"],
+    "hnet": ["hnet_rl.py", "--method=magic"],
+    "fisher": ["fisher_ood.py", "--model=bogus"],
+}
+_STARTED = {}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _background_clis():
+    for name, args in BACKGROUND.items():
+        _STARTED[name] = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True)
+    yield
+    for p in _STARTED.values():
+        p.kill()
+
+
+def cli_result(name):
+    """(exit code, stderr) of one of the BACKGROUND command lines."""
+    _, err = _STARTED[name].communicate(timeout=120)
+    return _STARTED[name].returncode, err
 
 # ----------------------------------------------------------------------------------------------
 # train.py: config and command line
@@ -65,7 +95,7 @@ def test_train_help_text_comes_from_field_comments(capsys):
 
 
 def test_train_cli_bad_input_is_one_line_without_traceback(tmp_path, capsys):
-    code, err = run_cli("train.py", "--bench", "--lr=-3")
+    code, err = cli_result("train")
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
     if not torch.cuda.is_available():  # --gpu without CUDA: one line, before any work
         with pytest.raises(SystemExit) as e:
@@ -511,9 +541,8 @@ def test_train_t_interval_matches_the_table_and_covers_at_its_level():
 
 
 def test_train_ctrl_c_outside_the_loop_is_one_line():
-    code = "import train, time\ndef main():\n    raise KeyboardInterrupt\ntrain.cli(main)"
-    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert p.returncode == 130 and p.stderr.strip() == "error: interrupted"
+    code, err = cli_result("train_ctrl_c")
+    assert code == 130 and err.strip() == "error: interrupted"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -700,9 +729,8 @@ def test_dva_floor_true_epochs_and_noise():
 
 
 def test_dva_cli_bad_input_is_one_line():
-    r = subprocess.run([sys.executable, "diffusion_vs_ar.py", "--widths=5"], capture_output=True, text=True,
-                       cwd=Path(dva.__file__).parent)
-    assert r.returncode == 2 and "Traceback" not in r.stderr and "width 5" in r.stderr
+    code, err = cli_result("dva")
+    assert code == 2 and "Traceback" not in err and "width 5" in err
     with pytest.raises(SystemExit) as e:
         dva.main(["--data=/no/such/file.txt"])
     assert e.value.code == 2
@@ -1093,6 +1121,22 @@ def test_subliminal_ctrl_c_while_judging_is_one_line(tmp_path, monkeypatch, caps
     assert e.value.code == 130 and err == ["error: interrupted"]
 
 
+def test_subliminal_ctrl_c_with_seeds_in_worker_processes_is_one_line(tmp_path):
+    # A terminal's Ctrl-C (SIGINT to the foreground group) while seeds run in spawned workers: exit 130
+    # and one line. The workers' tqdm semaphores once leaked and the resource tracker printed a warning.
+    args = [a for a in TINY if not a.startswith(("--seeds", "--pretrain_steps", "--rounds"))]
+    p = subprocess.Popen([sys.executable, "subliminal_dpo.py", *args, "--seeds=2", "--workers=2", "--rounds=50",
+                          "--pretrain_steps=2000", f"--out={tmp_path}"], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    while "processes" not in p.stdout.readline():  # the pool is starting
+        pass
+    time.sleep(3.5)  # the workers import torch and start pretraining (2,000 steps: still at it)
+    os.killpg(p.pid, signal.SIGINT)
+    err = [l for l in p.communicate(timeout=60)[1].replace("\r", "\n").splitlines() if l.strip() and "it/s" not in l]
+    assert p.returncode == 130 and err == ["error: interrupted"], err
+
+
 def test_subliminal_ctrl_c_in_alignment_does_not_promise_a_resume(tmp_path, monkeypatch, capsys):
     # A real SIGINT inside train() during a round: one line, exit 130, and no "--resume to continue"
     # (a round is redone, not resumed). Every completion is let through so that the round aligns.
@@ -1110,9 +1154,8 @@ def test_subliminal_ctrl_c_in_alignment_does_not_promise_a_resume(tmp_path, monk
 
 
 def test_subliminal_dpo_cli_errors_are_one_line(capsys):
-    r = subprocess.run([sys.executable, "subliminal_dpo.py", "--target=tiger"], capture_output=True, text=True,
-                       timeout=60)  # one real process: exit code and no traceback, end to end
-    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    code, err = cli_result("subliminal")  # one real process: exit code and no traceback, end to end
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     for args in (["--nope=1"], ["--workers=-1"], ["--k=1"], ["--conditions=biased PPO"], ["--beta=-1"]):
         with pytest.raises(SystemExit) as e:
             sd.parse_config(sd.Config, "subliminal_dpo", args)
@@ -1339,9 +1382,8 @@ def test_hnet_rl_rate_control_reaches_the_gate_not_the_lm_head():
 
 
 def test_hnet_rl_cli_rejects_bad_input():
-    root = Path(hr.__file__).parent
-    r = subprocess.run([sys.executable, "hnet_rl.py", "--method=magic"], cwd=root, capture_output=True, text=True)
-    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    code, err = cli_result("hnet")
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
     with pytest.raises(SystemExit) as e:
         hr.parse_config(hr.Config, "hnet_rl", ["--rate=1.5"])
     assert e.value.code == 2
@@ -1809,10 +1851,9 @@ def test_fisher_idx_parser():
 
 
 def test_fisher_cli_bad_input(capsys):
-    r = subprocess.run([sys.executable, "fisher_ood.py", "--model=bogus"], cwd=FO_ROOT, capture_output=True,
-                       text=True, timeout=60)
-    lines = [l for l in r.stderr.splitlines() if l.strip()]
-    assert r.returncode == 2 and len(lines) == 1 and "error" in lines[0] and "Traceback" not in r.stderr, r.stderr
+    code, err = cli_result("fisher")
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert code == 2 and len(lines) == 1 and "error" in lines[0] and "Traceback" not in err, err
     for args in (["--batch_sizes=1,x"], ["--diff_t=1000"], ["--diff_t=-1"], ["--data=svhn"], ["--n_test=-1"], ["--nope"],
                  ["--seeds=0"], ["--seed=4294967295", "--seeds=2"], [f"--data_dir={FO_ROOT / 'fisher_ood.py'}"]):
         with pytest.raises(SystemExit) as e:  # the same parser in-process: cheaper than a subprocess each
