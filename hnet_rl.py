@@ -61,7 +61,7 @@ import torch.nn.functional as F
 
 from train import (TrainConfig, parse_config, setup, die, fill_auto, Block, rope_angles, count_params, train,
                    save_results, save_figure, embedded_text, download, maybe_compile, atomic_write, cli, DataError)
-from train import init_weights, make_optimizer, global_mean, Attention, apply_rope, mean_interval as interval
+from train import init_weights, make_optimizer, global_mean, Attention, mean_interval as interval
 
 METHODS = ("rl", "hnet", "uniform", "fixed", "space", "bpe")
 ABLATIONS = {  # name -> overrides of the rl config (the repo's ablation table)
@@ -229,9 +229,7 @@ class LocalAttention(Attention):
         W, (B, T, C) = self.window, x.shape
         if cache is not None or not W or W >= T:  # nothing to save: the reference path
             return super().forward(x, cos, sin, cache)
-        q, k, v = self.qkv(x).view(B, T, 3 * self.n_head, C // self.n_head).split(self.n_head, 2)  # (B, T, nh, hs)
-        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-        q, k, v = apply_rope(q, cos, sin).transpose(1, 2), apply_rope(k, cos, sin).transpose(1, 2), v.transpose(1, 2)
+        q, k, v = self.project(x, cos, sin)  # (B, nh, T, hs)
         nb = -(-T // W)  # blocks of W queries; the tail is padded and cut off again
         q = F.pad(q, (0, 0, 0, nb * W - T)).unflatten(2, (nb, W))  # (B, nh, nb, W, hs)
         # keys of block n: positions (n-1) W .. (n+1) W - 1, with W zero keys in front of block 0

@@ -256,12 +256,16 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=False)
         self.proj = nn.Linear(n_embd, n_embd, bias=False)
 
-    def forward(self, x, cos, sin, cache=None):
+    def project(self, x, cos, sin):  # x (B, T, C) -> rotated q, k and v, each (B, nh, T, hs)
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3 * self.n_head, C // self.n_head).split(self.n_head, 2)  # (B, T, nh, hs)
         cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # (T, 1, hs/2) or (B, T, 1, hs/2): same angle in every head
         # rotate in the (B, T, nh, hs) layout the projection wrote: then no backward step needs a copy
-        q, k, v = apply_rope(q, cos, sin).transpose(1, 2), apply_rope(k, cos, sin).transpose(1, 2), v.transpose(1, 2)
+        return apply_rope(q, cos, sin).transpose(1, 2), apply_rope(k, cos, sin).transpose(1, 2), v.transpose(1, 2)
+
+    def forward(self, x, cos, sin, cache=None):
+        B, T, C = x.shape
+        q, k, v = self.project(x, cos, sin)
         past = 0
         if cache is not None:  # KV cache for generation: append this call's keys and values
             if "k" in cache:
