@@ -51,6 +51,7 @@ Defaults run offline in a few minutes (English prose shipped with Python). `--gp
 scale (d 768, 4/12/4 blocks, 4096-byte sequences, enwik8); no hand-written Triton anywhere.
 """
 import base64, collections, hashlib, heapq, math, re, time, zipfile
+from unittest import mock
 from pathlib import Path
 from dataclasses import dataclass
 
@@ -61,7 +62,7 @@ import torch.nn.functional as F
 
 from train import (TrainConfig, parse_config, setup, die, fill_auto, Block, rope_angles, count_params, train,
                    save_results, save_figure, embedded_text, download, maybe_compile, atomic_write, cli, DataError)
-from train import init_weights, make_optimizer, global_mean, Attention, mean_interval as interval
+from train import init_weights, make_optimizer, global_mean, Attention, slice_rows, fake_memory, mean_interval as interval
 
 METHODS = ("rl", "hnet", "uniform", "fixed", "space", "bpe")
 ABLATIONS = {  # name -> overrides of the rl config (the repo's ablation table)
@@ -105,6 +106,7 @@ class Config(TrainConfig):
     rate_offset: str = "auto"  # rl: on = also a non-learned logit offset nudged every step by the realised rate toward --rate; off = the paper's consistency loss alone; auto = on on CPU, off with --gpu
     rate_offset_lr: float = 0.5  # rl: the offset's step per unit of rate error
     gate_scale: float = 0.0  # rl: scale s of the gate logits s W x (0 = auto: 4 on CPU, the paper's 1/16 with --gpu)
+    gate_lr: float = 1.0  # rl: the gate's learning rate in multiples of --lr (same starting logits and weight-decay shrink per step)
     batch_adv: bool = True  # rl: subtract the per-position batch mean from the reward
     early_reward: bool = True  # rl: reward = CE_early - CE_final (false: reward = -CE_final)
     eval_gates: str = "sampled"  # rl at evaluation: sampled (fixed noise, as the authors) | greedy (logit > 0)
@@ -136,6 +138,8 @@ class Config(TrainConfig):
             raise ValueError("--eval_gates must be sampled or greedy")
         if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
             raise ValueError("--n_embd / --n_head must be an even integer (RoPE pairs)")
+        if self.gate_lr <= 0:
+            raise ValueError("--gate_lr must be > 0")
         if self.seeds < 1:
             raise ValueError("--seeds must be >= 1")
         if self.gate_window < 1 or self.seq_len < 8 or self.early_weight > 1:
@@ -145,19 +149,26 @@ class Config(TrainConfig):
 # chunking, upsampling and H-Net's smoothing: pure tensor functions (tested on their own)
 
 
-@torch.compiler.disable  # data-dependent: the one graph break of the forward; what follows sees only the bucket
-def chunk_count(b, bucket):
-    return min(b.shape[1], -(-int(b.sum(1).max()) // bucket) * bucket)
+def chunk_capacity(L, rate, bucket):
+    """Chunks a row of L bytes holds at `rate` + 4 standard deviations, rounded up to the bucket: the
+    fewest chunks compiled code is given, so that at a held rate it sees one shape (a row above it:
+    ~1 step in 1000 at 32 rows), not a new one whenever the busiest row crosses a bucket edge."""
+    return min(L, -(-int(L * rate + 4 * math.sqrt(L * rate * (1 - rate))) // bucket) * bucket)
 
 
-def chunk_index(b, bucket=1):
+def chunk_count(b, bucket, floor):
+    return min(b.shape[1], max(floor, -(-int(b.sum(1).max()) // bucket) * bucket))
+
+
+@torch.compiler.disable  # data-dependent: the one graph break of the forward; what follows sees only M
+def chunk_index(b, bucket=1, floor=0):
     """b (B, L) bool with b[:, 0] = 1 -> idx (B, M): byte positions of the boundaries, in order,
-    M = most boundaries in any row, rounded up to a multiple of `bucket` (capped at L) so compiled
-    code sees a few chunk counts, not a new one every step. A stable sort moves boundaries to the
-    front; rows with fewer boundaries are padded with non-boundary positions. Padding sits *after*
-    every real chunk, so causal attention over chunks never lets a real chunk see it, and nothing
-    reads its output."""
-    M = chunk_count(b, bucket)
+    M = most boundaries in any row (at least `floor`), rounded up to a multiple of `bucket` (capped
+    at L) so compiled code sees a few chunk counts, not a new one every step. A stable sort moves
+    boundaries to the front; rows with fewer boundaries are padded with non-boundary positions.
+    Padding sits *after* every real chunk, so causal attention over chunks never lets a real chunk
+    see it, and nothing reads its output."""
+    M = chunk_count(b, bucket, floor)
     order = torch.sort((~b).to(torch.uint8), dim=1, stable=True).indices  # boundaries first
     return order[:, :M]  # (B, M)
 
@@ -276,6 +287,11 @@ class ChunkedByteLM(nn.Module):
         init_weights(self, cfg.n_enc + cfg.n_main + cfg.n_dec)
         if self.method == "rl":  # zero bias: the policy starts exactly at the target rate
             nn.init.zeros_(self.gate.bias)
+            # a gate learning rate k x lr, written as weights k times smaller read k times larger:
+            # AdamW's step is the same size whatever the gradient's scale (up to its eps), so each
+            # step moves the logits k times further; the starting logits and the shrink per step of
+            # weight decay stay as they are
+            self.gate.weight.data /= cfg.gate_lr
         if self.method == "hnet":  # identity init: p_t starts as a pure cosine novelty detector
             with torch.no_grad():
                 self.q_proj.weight.copy_(torch.eye(C))
@@ -290,7 +306,7 @@ class ChunkedByteLM(nn.Module):
         if w > 1:  # the previous w-1 actions, zero-padded before t = 0: (B, L, w-1)
             prev = F.pad(actions.float(), (w - 1, 0))[:, :-1].unfold(1, w - 1, 1)
             raw = raw + (prev * V[..., :-1]).sum(-1)
-        return softcap(self.cfg.gate_scale * raw + math.log(rho / (1 - rho)) + self.rate_offset)
+        return softcap(self.cfg.gate_scale * self.cfg.gate_lr * raw + math.log(rho / (1 - rho)) + self.rate_offset)
 
     @torch.compiler.disable  # a Python loop over bytes: ~20 graph nodes per byte if it were traced
     def sample_sequential(self, V, thresh):
@@ -366,7 +382,7 @@ class ChunkedByteLM(nn.Module):
             out.update(self.rule_boundaries(x, noise))
         b = out["b"]
         bucket = self.cfg.chunk_bucket or (64 if torch.compiler.is_compiling() else 1)  # eager gains nothing from padding
-        idx = chunk_index(b, bucket)  # (B, M)
+        idx = chunk_index(b, bucket, chunk_capacity(L, self.cfg.rate, bucket) if bucket > 1 else 0)  # (B, M)
         z = downsample(h, idx)  # (B, M, C) the encoder vectors where chunks start, no pooling
         ccos, csin = rope_angles(idx, self.head_dim)  # RoPE at byte positions: distance in bytes
         for blk in self.main:
@@ -641,7 +657,7 @@ def run_method(name, cfg, ctx, data, val, bounds, val_bounds):
                     ckpt_path=f"{cfg.out}/ckpt_{tag}_seed{cfg.seed}.pt", desc=f"{name} seed {cfg.seed}")
     final = summary["evals"][-1]
     return dict(method=name, seed=cfg.seed, params=count_params(model), bytes_per_s=summary["items_per_s"],
-                seconds=summary["seconds"], curve=summary["evals"], sample=show_boundaries(
+                seconds=summary["seconds"], recompiles=summary["recompiles"], curve=summary["evals"], sample=show_boundaries(
                     model, cfg, val, val_bounds, ctx.device), **{k: final[k] for k in FIGURES})
 
 
@@ -753,11 +769,23 @@ def plot(cfg, rows):
 # benchmark: training bytes/s per method (same step as train(): fwd + bwd + AdamW)
 
 
+def estimate_memory(cfg):
+    """GiB one training micro-step of cfg needs (FakeTensor estimate: nothing is allocated). The
+    chunk count depends on the data: it is fixed at what compiled code is given at a held rate."""
+    L, rows = cfg.seq_len, cfg.batch_size // cfg.grad_accum
+    M = chunk_capacity(L, cfg.rate, cfg.chunk_bucket or 64)
+    batch = lambda: dict(x=torch.randint(0, 256, (rows, L + 1)), noise=torch.rand(rows, L), b=torch.rand(rows, L) < cfg.rate)
+    with mock.patch(f"{__name__}.chunk_count", lambda b, bucket, floor: M):
+        return fake_memory(lambda: (ChunkedByteLM(cfg), loss_fn_for(cfg), batch()), bf16=cfg.gpu)
+
+
 def bench(cfg, ctx, data, bounds, steps=8):
-    """Median time of one optimizer step per method, each step on a fresh batch (a data-dependent
-    method must not be timed on one reused batch: its chunk count, and so its cost, varies)."""
+    """Median time of one micro-step (forward, backward, AdamW) per method, each on a fresh batch (a
+    data-dependent method must not be timed on one reused batch: its chunk count, and so its cost,
+    varies), and the estimated memory of one micro-step."""
+    rows = cfg.batch_size // cfg.grad_accum  # one micro-step: what has to fit in memory at once
     print(f"bench: d={cfg.n_embd}, blocks {cfg.n_enc}/{cfg.n_main}/{cfg.n_dec}, seq {cfg.seq_len}, "
-          f"batch {cfg.batch_size}, device {ctx.device}, torch threads {torch.get_num_threads()}, "
+          f"{rows} rows per micro-step, device {ctx.device}, torch threads {torch.get_num_threads()}, "
           f"{steps} timed steps on fresh batches after 2 warm-up steps")
     times = {}
     for method in METHODS:
@@ -766,7 +794,7 @@ def bench(cfg, ctx, data, bounds, steps=8):
         model = ChunkedByteLM(c).to(ctx.device)
         opt, fast, loss_fn = make_optimizer(model, c, ctx), maybe_compile(model, c), loss_fn_for(c)
         get = make_get_batch(c, data, bounds)
-        batches = [{k: v.to(ctx.device) for k, v in get(i).items()} for i in range(steps + 2)]
+        batches = [slice_rows(get(i), 0, c.grad_accum, ctx.device) for i in range(steps + 2)]
         times[method] = []
         for i, batch in enumerate(batches):
             t0 = time.time()
@@ -779,9 +807,10 @@ def bench(cfg, ctx, data, bounds, steps=8):
                 torch.cuda.synchronize()
             if i >= 2:
                 times[method].append(time.time() - t0)
-    rates = {m: cfg.batch_size * cfg.seq_len / float(np.median(t)) for m, t in times.items()}
+    rates = {m: rows * cfg.seq_len / float(np.median(t)) for m, t in times.items()}
     for method, bps in rates.items():
-        print(f"  {method:8s} {bps:12,.0f} bytes/s   step time {rates['fixed'] / bps:.2f}x fixed")
+        print(f"  {method:8s} {bps:12,.0f} bytes/s   step time {rates['fixed'] / bps:.2f}x fixed   "
+              f"memory ~{estimate_memory(variant(cfg, method)):.1f} GiB (FakeTensor estimate)")
     return rates
 
 # ----------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@ test_all.py: fast invariant tests for train.py and the four paper scripts (pytes
 Tiny models, fixed seeds; the whole file runs in well under a minute on 2 CPU cores.
 Anything slower is marked `@slow` and skipped by default (RUN_SLOW=1 python -m pytest test_all.py).
 """
-import copy, dataclasses, itertools, json, math, os, random, signal, subprocess, sys, time, warnings
+import copy, dataclasses, itertools, json, math, os, random, shutil, signal, subprocess, sys, tempfile, time, warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ import subliminal_dpo as sd
 slow = pytest.mark.skipif(not os.environ.get("RUN_SLOW"), reason="slow: run with RUN_SLOW=1")
 torch.set_num_threads(1)  # 2 threads on a shared 2-core box run slower (OpenMP oversubscription)
 ROOT = Path(__file__).resolve().parent
+SCRATCH = Path(tempfile.mkdtemp(prefix="test_all."))  # the background command lines' --out
 
 
 def run_cli(*args, timeout=120):
@@ -40,6 +41,10 @@ BACKGROUND = {
     "subliminal": ["subliminal_dpo.py", "--target=tiger"],
     "hnet": ["hnet_rl.py", "--method=magic"],
     "fisher": ["fisher_ood.py", "--model=bogus"],
+    # the longest: every hnet_rl method compiled in one process, 20 steps each (aot_eager stands in for inductor)
+    "hnet_compare": ["hnet_rl.py", "--compare", "--compile", "--compile_backend=aot_eager", "--n_embd=16", "--n_head=2",
+                     "--n_main=1", "--seq_len=64", "--chunk_bucket=16", "--batch_size=4", "--max_steps=20", "--warmup=2",
+                     "--eval_windows=2", "--bpe_vocab=300", "--threads=1", f"--out={SCRATCH}/hnet_compare"],
 }
 _STARTED = {}
 
@@ -52,6 +57,7 @@ def _background_clis():
     yield
     for p in _STARTED.values():
         p.kill()
+    shutil.rmtree(SCRATCH, ignore_errors=True)
 
 
 def cli_result(name):
@@ -1381,6 +1387,40 @@ def test_hnet_rl_rate_control_reaches_the_gate_not_the_lm_head():
     assert diff["lm_head.weight"].abs().max() == 0
 
 
+def test_hnet_rl_gate_lr_is_adamw_with_a_larger_lr_on_the_gate():
+    # --gate_lr=k (weights k times smaller, read k times larger) trains exactly like k x lr on the
+    # gate's parameters with decay / k (the same shrink per step): the same policy logits after three
+    # AdamW steps, bit for bit once Adam's eps is too small to break its scale invariance
+    x = torch.randint(0, 256, (4, 25), generator=torch.Generator().manual_seed(0))
+    batch = dict(x=x, noise=torch.rand(4, 24, generator=torch.Generator().manual_seed(1)))
+    logits = []
+    for k, group_lr in [(8.0, 1.0), (1.0, 8.0)]:
+        model = hr_tiny_model("rl", gate_lr=k, rate_offset="off").train()
+        gate = [p for n, p in model.named_parameters() if n.startswith("gate.")]
+        rest = [p for n, p in model.named_parameters() if not n.startswith("gate.")]
+        opt = torch.optim.AdamW([dict(params=rest), dict(params=gate, lr=1e-2 * group_lr, weight_decay=0.1 / group_lr)],
+                                lr=1e-2, weight_decay=0.1, eps=1e-14)
+        for _ in range(3):
+            loss, _ = hr.loss_fn_for(model.cfg)(model, batch)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            logits.append(model(x[:, :-1], None, batch["noise"])["gate_logits"])
+    assert torch.equal(logits[0], logits[1]) and logits[0].std() > 0
+
+
+def test_hnet_rl_compare_compiles_every_method_once_in_one_process():
+    # `--compare --compile`: six methods in one process, each from an empty compile cache. Each one's
+    # chunk count is floored at the capacity for the target rate, so a method at that rate sees one
+    # shape (rl, hnet here); bpe's rate is the corpus's (0.68 here): it may cross one bucket edge.
+    code, err = cli_result("hnet_compare")
+    assert code == 0, err[-2000:]
+    rows = json.loads((SCRATCH / "hnet_compare" / "results.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == list(hr.METHODS) and all(math.isfinite(r["bpb"]) for r in rows)
+    assert all(r["recompiles"] <= 1 for r in rows) and rows[0]["recompiles"] == rows[1]["recompiles"] == 0
+
+
 def test_hnet_rl_cli_rejects_bad_input():
     code, err = cli_result("hnet")
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
@@ -1480,11 +1520,12 @@ def test_hnet_rl_bench_times_every_step_on_a_fresh_batch(tmp_path, monkeypatch, 
         get = real(cfg, data, bounds)
         return lambda i: asked.append(i) or get(i)
     monkeypatch.setattr(hr, "make_get_batch", spy)
-    cfg = hr_tiny_cfg("rl", out=str(tmp_path), threads=1)
+    cfg = hr_tiny_cfg("rl", out=str(tmp_path), threads=1, grad_accum=2)
     data = torch.randint(0, 256, (2000,), generator=torch.Generator().manual_seed(0))
     rates = hr.bench(cfg, train.setup(cfg), data, hr_random_boundaries(1, 2000, 0.2, seed=1)[0], steps=1)
     assert set(rates) == set(hr.METHODS) and asked == list(range(3)) * len(hr.METHODS)
-    assert "fresh batches" in capsys.readouterr().out
+    out = capsys.readouterr().out  # one micro-step (what must fit in memory) is timed, and its memory estimated
+    assert "fresh batches" in out and "2 rows per micro-step" in out and out.count("GiB (FakeTensor estimate)") == 6
 
 
 def test_hnet_rl_seeds_print_mean_and_interval(tmp_path, capsys):
@@ -2048,28 +2089,22 @@ def test_gpu_trunk_bench_prints_mfu():
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_gpu_defaults_fit_one_80gb_gpu_by_fake_tensor_estimate(name, tmp_path, monkeypatch):
+def test_gpu_defaults_fit_one_80gb_gpu_by_fake_tensor_estimate(name, tmp_path):
     # Each script's --gpu model and one micro-batch (its --gpu batch / --grad_accum rows) under
-    # FakeTensorMode: nothing is allocated. Memory = 16 bytes per parameter (fp32 weights, gradients,
-    # AdamW's two moments) + what autograd saves for backward (bf16 autocast on the CPU stands in for
-    # CUDA's). hnet_rl's chunk count is data-dependent, so it is fixed at the rate-0.2 maximum.
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.multiprocessing.reductions import StorageWeakRef
+    # FakeTensorMode: nothing is allocated. hnet_rl's own estimate (printed by its --bench) fixes the
+    # data-dependent chunk count at its bound.
     B = dict(hnet=128, dva=12, fisher=128, subliminal=32)[name.split(":")[0]]
     if name.startswith("hnet"):
-        monkeypatch.setattr(hr, "chunk_index", lambda b, bucket=1: torch.arange(896).expand(b.shape[0], 896).contiguous())
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        cfg, model, batch, loss_fn = script_case(name, tmp_path, gpu=True, B=B)
-        rows = train.slice_rows(batch, 0, cfg.grad_accum, "cpu")
-        own = {StorageWeakRef(t.untyped_storage()) for t in [*model.parameters(), *model.buffers()]}
-        saved = {}
+        cfg = hr.Config(gpu=True, method=name.split(":")[1])
+        gib = hr.estimate_memory(cfg)
+    else:
+        made = []
 
-        def pack(t):
-            if (key := StorageWeakRef(t.untyped_storage())) not in own:
-                saved[key] = t.untyped_storage().nbytes()
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
-            loss_fn(model, rows)
-    gib = (16 * train.count_params(model) + sum(saved.values())) / 2**30
-    print(f"{name}: {B // cfg.grad_accum} rows per forward, {train.count_params(model) / 1e6:.1f}M params, ~{gib:.1f} GiB")
+        def build():
+            made.append(script_case(name, tmp_path, gpu=True, B=B))
+            cfg, model, batch, loss_fn = made[0]
+            return model, loss_fn, train.slice_rows(batch, 0, cfg.grad_accum, "cpu")
+        gib = train.fake_memory(build, bf16=True)
+        cfg = made[0][0]
+    print(f"{name}: {B // cfg.grad_accum} rows per forward, ~{gib:.1f} GiB")
     assert gib < 60  # room for the CUDA context, backward's transients and fragmentation

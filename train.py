@@ -337,6 +337,26 @@ class TransformerLM(nn.Module):
 def count_params(module):
     return sum(p.numel() for p in module.parameters())
 
+def fake_memory(build, bf16=False):
+    """GiB one training micro-step needs, estimated on any machine without allocating anything:
+    build() -> (model, loss_fn, rows) runs under FakeTensorMode, so no tensor holds data. Counted:
+    16 bytes per parameter (fp32 weights, gradients, AdamW's two moments) and every tensor autograd
+    saves for backward; bf16=True runs the forward under CPU bf16 autocast, standing in for --gpu's."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.multiprocessing.reductions import StorageWeakRef
+    saved = {}
+
+    def pack(t):  # a tensor kept for backward, unless it is a weight (counted in the 16 bytes)
+        if (key := StorageWeakRef(t.untyped_storage())) not in own:
+            saved[key] = t.untyped_storage().nbytes()
+        return t
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model, loss_fn, rows = build()
+        own = {StorageWeakRef(t.untyped_storage()) for t in [*model.parameters(), *model.buffers()]}
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", torch.bfloat16, bf16):
+            loss_fn(model, rows)
+    return (16 * count_params(model) + sum(saved.values())) / 2**30
+
 # ----------------------------------------------------------------------------------------------
 # checkpoints and caches: atomic, checksummed files
 def atomic_write(path, write):
