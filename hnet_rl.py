@@ -146,6 +146,132 @@ class Config(TrainConfig):
             raise ValueError("need --gate_window >= 1, --seq_len >= 8 and --early_weight <= 1")
 
 # ----------------------------------------------------------------------------------------------
+# data: raw bytes, random windows, and (for bpe) token-start boundaries precomputed once
+
+
+def unzip_enwik8(path):
+    """The 10^8 bytes of enwik8 from its downloaded zip; a damaged zip is a one-line error."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.read("enwik8")
+    except (zipfile.BadZipFile, KeyError) as e:
+        raise DataError(f"{path} is not a good enwik8.zip ({e}); delete it and download again") from None
+
+
+def load_bytes(cfg):
+    try:
+        if cfg.data in ("prose", "code"):
+            return embedded_text(cfg.data, "train"), embedded_text(cfg.data, "val")
+        if cfg.data in ("enwik8", "tinyshakespeare"):
+            path = download(cfg.data, cfg.data_dir)
+            raw = unzip_enwik8(path) if cfg.data == "enwik8" else path.read_bytes()
+        else:
+            raw = open(cfg.data, "rb").read()
+    except (OSError, RuntimeError) as e:
+        die(f"cannot load --data={cfg.data}: {e}")
+    if len(raw) < 20 * cfg.seq_len:
+        die(f"--data={cfg.data} has {len(raw)} bytes; need at least {20 * cfg.seq_len}")
+    cut = int(0.9 * len(raw))  # enwik8 convention: 90 MB train, then 5 + 5 val/test
+    return raw[:cut], raw[cut: cut + max(len(raw) // 20, 20 * cfg.seq_len)]
+
+
+# GPT-2's pre-tokenizer split, restricted to ASCII classes so Python's `re` can run it in training
+# and tiktoken's Rust regex agrees with it when encoding: words, numbers, punctuation, spaces.
+SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+"""
+
+
+def train_bpe(text, vocab_size):
+    """Byte-level BPE: start from the 256 bytes, repeatedly merge the most frequent adjacent pair.
+    Words (pre-tokenized chunks) are counted once with their frequency, and pair counts are
+    updated only for the words a merge touches, so this takes seconds, not minutes."""
+    words = collections.Counter(re.findall(SPLIT_PATTERN, text.decode("utf-8", errors="replace")))
+    seqs = [[bytes([b]) for b in w.encode("utf-8")] for w in words]
+    freq = list(words.values())
+    pairs, where = collections.Counter(), collections.defaultdict(set)
+    for wi, seq in enumerate(seqs):
+        for pair in zip(seq, seq[1:]):
+            pairs[pair] += freq[wi]
+            where[pair].add(wi)
+    heap = [(-n, pair) for pair, n in pairs.items()]
+    heapq.heapify(heap)
+    ranks = {bytes([i]): i for i in range(256)}
+    while len(ranks) < vocab_size and heap:
+        n, pair = heapq.heappop(heap)
+        if -n != pairs.get(pair, 0) or n == 0:  # stale heap entry: this pair's count changed since
+            continue
+        merged = pair[0] + pair[1]
+        ranks.setdefault(merged, len(ranks))
+        for wi in list(where[pair]):
+            old, new, i = seqs[wi], [], 0
+            while i < len(old):
+                hit = i + 1 < len(old) and (old[i], old[i + 1]) == pair
+                new.append(merged if hit else old[i])
+                i += 2 if hit else 1
+            for p in zip(old, old[1:]):
+                pairs[p] -= freq[wi]
+                where[p].discard(wi)
+            for p in zip(new, new[1:]):
+                pairs[p] += freq[wi]
+                where[p].add(wi)
+            for p in set(zip(old, old[1:])) | set(zip(new, new[1:])):
+                if pairs[p] > 0:
+                    heapq.heappush(heap, (-pairs[p], p))
+            seqs[wi] = new
+    return ranks
+
+
+def bpe_tokenizer(text, vocab_size, cache_dir):
+    """A byte-level BPE trained on `text`, wrapped in tiktoken.Encoding, its ranks cached as
+    `base64(token) rank` lines. A cache that does not parse as a complete rank table is rebuilt."""
+    import tiktoken
+    path = Path(cache_dir) / f"bpe{vocab_size}-{hashlib.sha1(text).hexdigest()[:12]}.tiktoken"
+    ranks = None
+    if path.exists():
+        try:
+            ranks = {base64.b64decode(tok, validate=True): int(r) for tok, r in
+                     (line.split() for line in path.read_text().splitlines())}
+            if sorted(ranks.values()) != list(range(len(ranks))) or any(ranks.get(bytes([i])) != i for i in range(256)):
+                ranks = None
+        except ValueError:  # also a truncated line, bad base64 or a non-number rank
+            ranks = None
+    if ranks is None:
+        ranks = train_bpe(text, vocab_size)
+        lines = "".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()).encode()
+        atomic_write(path, lambda f: f.write(lines))
+    return tiktoken.Encoding(f"bpe{vocab_size}", pat_str=SPLIT_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": len(ranks)})
+
+
+def bpe_boundaries(cfg, data, train_bytes):
+    """b[i] = 1 where a BPE token starts in `data`, with a tokenizer trained on the training bytes."""
+    enc = bpe_tokenizer(train_bytes[:2_000_000], cfg.bpe_vocab, f"{cfg.out}/tokenizer")
+    ids = enc.encode_ordinary(data.decode("utf-8", errors="replace"))
+    lengths = np.array([len(enc.decode_single_token_bytes(t)) for t in ids])
+    text_len = lengths.sum()  # replacement characters may change the byte count: realign by fraction
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) * len(data) // max(text_len, 1)
+    b = np.zeros(len(data), dtype=bool)
+    b[starts] = True
+    return torch.from_numpy(b)
+
+
+def as_tensor(raw):
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()
+
+
+def make_get_batch(cfg, data, bounds):
+    L, B = cfg.seq_len, cfg.batch_size
+
+    def get_batch(i):  # deterministic in i: exact resume
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)
+        start = torch.randint(0, len(data) - L - 1, (B,), generator=g)
+        rows = start[:, None] + torch.arange(L + 1)
+        batch = dict(x=data[rows])  # (B, L+1)
+        if bounds is not None:
+            batch["b"] = bounds[rows[:, :-1]]  # (B, L)
+        return batch
+    return get_batch
+
+# ----------------------------------------------------------------------------------------------
 # chunking, upsampling and H-Net's smoothing: pure tensor functions (tested on their own)
 
 
@@ -451,132 +577,6 @@ def loss_fn_for(cfg):
     return loss_fn
 
 # ----------------------------------------------------------------------------------------------
-# data: raw bytes, random windows, and (for bpe) token-start boundaries precomputed once
-
-
-def unzip_enwik8(path):
-    """The 10^8 bytes of enwik8 from its downloaded zip; a damaged zip is a one-line error."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            return z.read("enwik8")
-    except (zipfile.BadZipFile, KeyError) as e:
-        raise DataError(f"{path} is not a good enwik8.zip ({e}); delete it and download again") from None
-
-
-def load_bytes(cfg):
-    try:
-        if cfg.data in ("prose", "code"):
-            return embedded_text(cfg.data, "train"), embedded_text(cfg.data, "val")
-        if cfg.data in ("enwik8", "tinyshakespeare"):
-            path = download(cfg.data, cfg.data_dir)
-            raw = unzip_enwik8(path) if cfg.data == "enwik8" else path.read_bytes()
-        else:
-            raw = open(cfg.data, "rb").read()
-    except (OSError, RuntimeError) as e:
-        die(f"cannot load --data={cfg.data}: {e}")
-    if len(raw) < 20 * cfg.seq_len:
-        die(f"--data={cfg.data} has {len(raw)} bytes; need at least {20 * cfg.seq_len}")
-    cut = int(0.9 * len(raw))  # enwik8 convention: 90 MB train, then 5 + 5 val/test
-    return raw[:cut], raw[cut: cut + max(len(raw) // 20, 20 * cfg.seq_len)]
-
-
-# GPT-2's pre-tokenizer split, restricted to ASCII classes so Python's `re` can run it in training
-# and tiktoken's Rust regex agrees with it when encoding: words, numbers, punctuation, spaces.
-SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+"""
-
-
-def train_bpe(text, vocab_size):
-    """Byte-level BPE: start from the 256 bytes, repeatedly merge the most frequent adjacent pair.
-    Words (pre-tokenized chunks) are counted once with their frequency, and pair counts are
-    updated only for the words a merge touches, so this takes seconds, not minutes."""
-    words = collections.Counter(re.findall(SPLIT_PATTERN, text.decode("utf-8", errors="replace")))
-    seqs = [[bytes([b]) for b in w.encode("utf-8")] for w in words]
-    freq = list(words.values())
-    pairs, where = collections.Counter(), collections.defaultdict(set)
-    for wi, seq in enumerate(seqs):
-        for pair in zip(seq, seq[1:]):
-            pairs[pair] += freq[wi]
-            where[pair].add(wi)
-    heap = [(-n, pair) for pair, n in pairs.items()]
-    heapq.heapify(heap)
-    ranks = {bytes([i]): i for i in range(256)}
-    while len(ranks) < vocab_size and heap:
-        n, pair = heapq.heappop(heap)
-        if -n != pairs.get(pair, 0) or n == 0:  # stale heap entry: this pair's count changed since
-            continue
-        merged = pair[0] + pair[1]
-        ranks.setdefault(merged, len(ranks))
-        for wi in list(where[pair]):
-            old, new, i = seqs[wi], [], 0
-            while i < len(old):
-                hit = i + 1 < len(old) and (old[i], old[i + 1]) == pair
-                new.append(merged if hit else old[i])
-                i += 2 if hit else 1
-            for p in zip(old, old[1:]):
-                pairs[p] -= freq[wi]
-                where[p].discard(wi)
-            for p in zip(new, new[1:]):
-                pairs[p] += freq[wi]
-                where[p].add(wi)
-            for p in set(zip(old, old[1:])) | set(zip(new, new[1:])):
-                if pairs[p] > 0:
-                    heapq.heappush(heap, (-pairs[p], p))
-            seqs[wi] = new
-    return ranks
-
-
-def bpe_tokenizer(text, vocab_size, cache_dir):
-    """A byte-level BPE trained on `text`, wrapped in tiktoken.Encoding, its ranks cached as
-    `base64(token) rank` lines. A cache that does not parse as a complete rank table is rebuilt."""
-    import tiktoken
-    path = Path(cache_dir) / f"bpe{vocab_size}-{hashlib.sha1(text).hexdigest()[:12]}.tiktoken"
-    ranks = None
-    if path.exists():
-        try:
-            ranks = {base64.b64decode(tok, validate=True): int(r) for tok, r in
-                     (line.split() for line in path.read_text().splitlines())}
-            if sorted(ranks.values()) != list(range(len(ranks))) or any(ranks.get(bytes([i])) != i for i in range(256)):
-                ranks = None
-        except ValueError:  # also a truncated line, bad base64 or a non-number rank
-            ranks = None
-    if ranks is None:
-        ranks = train_bpe(text, vocab_size)
-        lines = "".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()).encode()
-        atomic_write(path, lambda f: f.write(lines))
-    return tiktoken.Encoding(f"bpe{vocab_size}", pat_str=SPLIT_PATTERN, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": len(ranks)})
-
-
-def bpe_boundaries(cfg, data, train_bytes):
-    """b[i] = 1 where a BPE token starts in `data`, with a tokenizer trained on the training bytes."""
-    enc = bpe_tokenizer(train_bytes[:2_000_000], cfg.bpe_vocab, f"{cfg.out}/tokenizer")
-    ids = enc.encode_ordinary(data.decode("utf-8", errors="replace"))
-    lengths = np.array([len(enc.decode_single_token_bytes(t)) for t in ids])
-    text_len = lengths.sum()  # replacement characters may change the byte count: realign by fraction
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) * len(data) // max(text_len, 1)
-    b = np.zeros(len(data), dtype=bool)
-    b[starts] = True
-    return torch.from_numpy(b)
-
-
-def as_tensor(raw):
-    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()
-
-
-def make_get_batch(cfg, data, bounds):
-    L, B = cfg.seq_len, cfg.batch_size
-
-    def get_batch(i):  # deterministic in i: exact resume
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)
-        start = torch.randint(0, len(data) - L - 1, (B,), generator=g)
-        rows = start[:, None] + torch.arange(L + 1)
-        batch = dict(x=data[rows])  # (B, L+1)
-        if bounds is not None:
-            batch["b"] = bounds[rows[:, :-1]]  # (B, L)
-        return batch
-    return get_batch
-
-# ----------------------------------------------------------------------------------------------
 # evaluation: bits per byte, rate, whitespace alignment (fixed windows, fixed gate noise)
 
 
@@ -644,7 +644,7 @@ def show_boundaries(model, cfg, val, val_bounds, device, n=120):
 FIGURES = ("bpb", "rate", "free_rate", "ws_base", "ws_at", "ws_after", "on_ws", "after_ws", "bytes_per_chunk")
 
 
-def run_method(name, cfg, ctx, data, val, bounds, val_bounds):
+def run_one(name, cfg, ctx, data, val, bounds, val_bounds):
     torch.manual_seed(cfg.seed)  # identical init and data order for every method
     model = ChunkedByteLM(cfg).to(ctx.device)
     bytes_per_step = cfg.batch_size * cfg.seq_len
@@ -833,7 +833,7 @@ def main(argv=None):
     runs = [(n, variant(cfg, n)) for n in names]
     if cfg.compare and cfg.ablations:
         runs += [(n, variant(cfg, "rl", o)) for n, o in ABLATIONS.items()]
-    rows = [run_method(name, variant(c, c.method, dict(seed=seed)), ctx, data, val, bounds if name == "bpe" else None,
+    rows = [run_one(name, variant(c, c.method, dict(seed=seed)), ctx, data, val, bounds if name == "bpe" else None,
                        val_bounds if name == "bpe" else None)
             for seed in range(cfg.seed, cfg.seed + cfg.seeds) for name, c in runs]
     if not ctx.master:
