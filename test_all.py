@@ -1410,17 +1410,6 @@ def test_hnet_rl_gate_lr_is_adamw_with_a_larger_lr_on_the_gate():
     assert torch.equal(logits[0], logits[1]) and logits[0].std() > 0
 
 
-def test_hnet_rl_compare_compiles_every_method_once_in_one_process():
-    # `--compare --compile`: six methods in one process, each from an empty compile cache. Each one's
-    # chunk count is floored at the capacity for the target rate, so a method at that rate sees one
-    # shape (rl, hnet here); bpe's rate is the corpus's (0.68 here): it may cross one bucket edge.
-    code, err = cli_result("hnet_compare")
-    assert code == 0, err[-2000:]
-    rows = json.loads((SCRATCH / "hnet_compare" / "results.json").read_text())["rows"]
-    assert [r["method"] for r in rows] == list(hr.METHODS) and all(math.isfinite(r["bpb"]) for r in rows)
-    assert all(r["recompiles"] <= 1 for r in rows) and rows[0]["recompiles"] == rows[1]["recompiles"] == 0
-
-
 def test_hnet_rl_cli_rejects_bad_input():
     code, err = cli_result("hnet")
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
@@ -2108,3 +2097,18 @@ def test_gpu_defaults_fit_one_80gb_gpu_by_fake_tensor_estimate(name, tmp_path):
         cfg = made[0][0]
     print(f"{name}: {B // cfg.grad_accum} rows per forward, ~{gib:.1f} GiB")
     assert gib < 60  # room for the CUDA context, backward's transients and fragmentation
+
+
+# ----------------------------------------------------------------------------------------------
+# last, so that the longest background command line has had the whole suite's time to finish
+
+
+def test_hnet_rl_compare_compiles_every_method_once_in_one_process():
+    # `--compare --compile`: six methods in one process, each from an empty compile cache. Each one's
+    # chunk count is floored at the capacity for the target rate, so a method at that rate sees one
+    # shape (rl, hnet here); bpe's rate is the corpus's (0.68 here): it may cross one bucket edge.
+    code, err = cli_result("hnet_compare")
+    assert code == 0, err[-2000:]
+    rows = json.loads((SCRATCH / "hnet_compare" / "results.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == list(hr.METHODS) and all(math.isfinite(r["bpb"]) for r in rows)
+    assert all(r["recompiles"] <= 1 for r in rows) and rows[0]["recompiles"] == rows[1]["recompiles"] == 0
