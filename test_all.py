@@ -1413,9 +1413,10 @@ def test_hnet_rl_gate_lr_is_adamw_with_a_larger_lr_on_the_gate():
 def test_hnet_rl_cli_rejects_bad_input():
     code, err = cli_result("hnet")
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
-    with pytest.raises(SystemExit) as e:
-        hr.parse_config(hr.Config, "hnet_rl", ["--rate=1.5"])
-    assert e.value.code == 2
+    for bad in ["--rate=1.5", "--gate_lr=0"]:
+        with pytest.raises(SystemExit) as e:
+            hr.parse_config(hr.Config, "hnet_rl", [bad])
+        assert e.value.code == 2
     cfg = hr.parse_config(hr.Config, "hnet_rl", ["--gpu"])  # real-scale config parses
     assert (cfg.n_embd, cfg.n_enc, cfg.n_main, cfg.n_dec, cfg.seq_len) == (768, 4, 12, 4, 4096)
     assert (cfg.gate_scale, cfg.rate_offset, cfg.lambda_c, cfg.byte_mlp, cfg.batch_size) == (1 / 16, "off", 0.01, 1, 128)
