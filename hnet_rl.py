@@ -57,12 +57,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 from train import (TrainConfig, parse_config, setup, die, fill_auto, Block, rope_angles, count_params, train,
                    save_results, save_figure, embedded_text, download, maybe_compile, atomic_write, cli, DataError)
-from train import init_weights, make_optimizer, global_mean, Attention, slice_rows, fake_memory, mean_interval as interval
+from train import init_weights, make_optimizer, Attention, slice_rows, mean_interval as interval
 
 METHODS = ("rl", "hnet", "uniform", "fixed", "space", "bpe")
 ABLATIONS = {  # name -> overrides of the rl config (the repo's ablation table)
@@ -537,6 +538,19 @@ def is_whitespace(x):
 # losses: the LM loss every method shares, and each boundary module's own term
 
 
+def global_mean(x, dim=None, keepdim=False):
+    """Mean over the global batch, i.e. over every process's rows under torchrun (no gradient flows
+    through the other processes' part). With one process it is exactly x.mean()."""
+    mean = x.mean() if dim is None else x.mean(dim, keepdim=keepdim)
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return mean
+    n = x.numel() / mean.numel()
+    total, count = (mean * n).detach(), torch.tensor(n, device=x.device)  # local sum along dim, rows
+    dist.all_reduce(total)
+    dist.all_reduce(count)
+    return total / count
+
+
 def token_ce(logits, y):  # (B, L, V), (B, L) -> per-byte cross-entropy in nats (B, L)
     return F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none")
 
@@ -767,6 +781,27 @@ def plot(cfg, rows):
 
 # ----------------------------------------------------------------------------------------------
 # benchmark: training bytes/s per method (same step as train(): fwd + bwd + AdamW)
+
+
+def fake_memory(build, bf16=False):
+    """GiB one training micro-step needs, estimated on any machine without allocating anything:
+    build() -> (model, loss_fn, rows) runs under FakeTensorMode, so no tensor holds data. Counted:
+    16 bytes per parameter (fp32 weights, gradients, AdamW's two moments) and every tensor autograd
+    saves for backward; bf16=True runs the forward under CPU bf16 autocast, standing in for --gpu's."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.multiprocessing.reductions import StorageWeakRef
+    saved = {}
+
+    def pack(t):  # a tensor kept for backward, unless it is a weight (counted in the 16 bytes)
+        if (key := StorageWeakRef(t.untyped_storage())) not in own:
+            saved[key] = t.untyped_storage().nbytes()
+        return t
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model, loss_fn, rows = build()
+        own = {StorageWeakRef(t.untyped_storage()) for t in [*model.parameters(), *model.buffers()]}
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", torch.bfloat16, bf16):
+            loss_fn(model, rows)
+    return (16 * count_params(model) + sum(saved.values())) / 2**30
 
 
 def estimate_memory(cfg):

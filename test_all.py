@@ -416,7 +416,7 @@ def _ddp_worker(rank, world, port, tmp):
 
     def loss_fn(m, x):
         draws.append(float(torch.rand(())))  # in-model noise: must differ between ranks
-        stat = train.global_mean(x[:, 0].float())  # a statistic over the global batch
+        stat = hr.global_mean(x[:, 0].float())  # a statistic over the global batch
         loss = F.cross_entropy(m(x[:, :-1]).reshape(-1, 8), x[:, 1:].reshape(-1))
         return loss, {"stat": stat}
     out_ = train.train(model, get_batch, loss_fn, cfg, ctx)
@@ -2081,8 +2081,8 @@ def test_gpu_trunk_bench_prints_mfu():
 @pytest.mark.parametrize("name", CASES)
 def test_gpu_defaults_fit_one_80gb_gpu_by_fake_tensor_estimate(name, tmp_path):
     # Each script's --gpu model and one micro-batch (its --gpu batch / --grad_accum rows) under
-    # FakeTensorMode: nothing is allocated. hnet_rl's own estimate (printed by its --bench) fixes the
-    # data-dependent chunk count at its bound.
+    # FakeTensorMode (hnet_rl.fake_memory): nothing is allocated. hnet_rl's own estimate (printed by
+    # its --bench) fixes the data-dependent chunk count at its bound.
     B = dict(hnet=128, dva=12, fisher=128, subliminal=32)[name.split(":")[0]]
     if name.startswith("hnet"):
         cfg = hr.Config(gpu=True, method=name.split(":")[1])
@@ -2094,7 +2094,7 @@ def test_gpu_defaults_fit_one_80gb_gpu_by_fake_tensor_estimate(name, tmp_path):
             made.append(script_case(name, tmp_path, gpu=True, B=B))
             cfg, model, batch, loss_fn = made[0]
             return model, loss_fn, train.slice_rows(batch, 0, cfg.grad_accum, "cpu")
-        gib = train.fake_memory(build, bf16=True)
+        gib = hr.fake_memory(build, bf16=True)
         cfg = made[0][0]
     print(f"{name}: {B // cfg.grad_accum} rows per forward, ~{gib:.1f} GiB")
     assert gib < 60  # room for the CUDA context, backward's transients and fragmentation

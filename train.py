@@ -9,7 +9,8 @@ What a script supplies:
   loss_fn    loss_fn(model, rows) -> (loss, metrics): loss is a MEAN over the rows it is given
 What the engine does with them: it cuts the batch into --grad_accum x ranks equal slices, so the
 algorithm (one step = one mean over --batch_size rows) is the same whatever the memory per forward;
-statistics a loss needs over the whole batch go through global_mean(). Under torchrun, torch's RNG
+a statistic a loss needs over the whole batch must be all-reduced by the script (hnet_rl.py's
+global_mean shows how). Under torchrun, torch's RNG
 is reseeded every step from (seed, rank, step): in-model noise differs per rank and is reproducible.
 
 Sections: config/CLI, device (CPU fp32 eager; `--gpu` = CUDA, bf16 autocast, TF32, fused AdamW,
@@ -200,18 +201,6 @@ def setup(cfg):
     torch.manual_seed(cfg.seed)
     return Ctx(device, cfg.gpu, rank, world, lazy_guard=cfg.gpu)
 
-def global_mean(x, dim=None, keepdim=False):
-    """Mean over the global batch, i.e. over every process's rows under torchrun (no gradient flows
-    through the other processes' part). With one process it is exactly x.mean()."""
-    mean = x.mean() if dim is None else x.mean(dim, keepdim=keepdim)
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return mean
-    n = x.numel() / mean.numel()
-    total, count = (mean * n).detach(), torch.tensor(n, device=x.device)  # local sum along dim, rows
-    dist.all_reduce(total)
-    dist.all_reduce(count)
-    return total / count
-
 COMPILES = [0]  # graphs handed to the compiler backend in this process (first compile + recompiles)
 
 def maybe_compile(model, cfg):
@@ -336,26 +325,6 @@ class TransformerLM(nn.Module):
 
 def count_params(module):
     return sum(p.numel() for p in module.parameters())
-
-def fake_memory(build, bf16=False):
-    """GiB one training micro-step needs, estimated on any machine without allocating anything:
-    build() -> (model, loss_fn, rows) runs under FakeTensorMode, so no tensor holds data. Counted:
-    16 bytes per parameter (fp32 weights, gradients, AdamW's two moments) and every tensor autograd
-    saves for backward; bf16=True runs the forward under CPU bf16 autocast, standing in for --gpu's."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.multiprocessing.reductions import StorageWeakRef
-    saved = {}
-
-    def pack(t):  # a tensor kept for backward, unless it is a weight (counted in the 16 bytes)
-        if (key := StorageWeakRef(t.untyped_storage())) not in own:
-            saved[key] = t.untyped_storage().nbytes()
-        return t
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        model, loss_fn, rows = build()
-        own = {StorageWeakRef(t.untyped_storage()) for t in [*model.parameters(), *model.buffers()]}
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", torch.bfloat16, bf16):
-            loss_fn(model, rows)
-    return (16 * count_params(model) + sum(saved.values())) / 2**30
 
 # ----------------------------------------------------------------------------------------------
 # checkpoints and caches: atomic, checksummed files
