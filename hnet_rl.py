@@ -361,12 +361,16 @@ class LocalAttention(Attention):
     """Causal sliding-window attention (query t sees keys t-window+1 .. t) whose cost grows with
     L x window, not L^2: the sequence is cut into blocks of `window` queries, and each block
     attends to its own block and the one before it (2 x window keys) under a fixed band mask.
-    Same weights and result as train.Attention with window (the masked reference)."""
+    Same weights as train.Attention; the same result as its attention under a banded L x L mask."""
 
-    def forward(self, x, cos, sin, cache=None):
+    def __init__(self, n_embd, n_head, window):
+        super().__init__(n_embd, n_head)
+        self.window = window
+
+    def forward(self, x, cos, sin):
         W, (B, T, C) = self.window, x.shape
-        if cache is not None or not W or W >= T:  # nothing to save: the reference path
-            return super().forward(x, cos, sin, cache)
+        if not W or W >= T:  # the window covers the whole sequence: plain causal attention
+            return super().forward(x, cos, sin)
         q, k, v = self.project(x, cos, sin)  # (B, nh, T, hs)
         nb = -(-T // W)  # blocks of W queries; the tail is padded and cut off again
         q = F.pad(q, (0, 0, 0, nb * W - T)).unflatten(2, (nb, W))  # (B, nh, nb, W, hs)
@@ -385,8 +389,8 @@ class LocalAttention(Attention):
 
 def byte_block(C, H, window, mlp_ratio):
     """A byte-level Block whose attention is the L x window local attention above."""
-    blk = Block(C, H, window=window, mlp_ratio=mlp_ratio)
-    blk.attn = LocalAttention(C, H, True, window)
+    blk = Block(C, H, mlp_ratio=mlp_ratio)
+    blk.attn = LocalAttention(C, H, window)
     return blk
 
 # ----------------------------------------------------------------------------------------------

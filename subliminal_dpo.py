@@ -61,8 +61,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from train import (cli, TrainConfig, parse_config, setup, fill_auto, TransformerLM, count_params, train,
-                   save_results, save_figure, load_checked, DataError, t_quantile)
+from train import (cli, TrainConfig, parse_config, setup, fill_auto, TransformerLM, rope_angles, count_params,
+                   train, save_results, save_figure, load_checked, DataError, t_quantile)
 
 
 @dataclass
@@ -394,17 +394,38 @@ class Judge:
 # log-probabilities and sampling: K completions of one prompt share the prompt's keys and values
 
 
+def cached_forward(model, idx, caches):
+    """model(idx) for a TransformerLM, continuing the sequences whose keys and values sit in caches
+    (one dict per block, {} to start; appended to here): idx (B, T) at positions past .. past+T-1."""
+    B, T = idx.shape
+    past = caches[0]["k"].shape[2] if caches[0] else 0
+    pos = torch.arange(past, past + T, device=idx.device)
+    cos, sin = rope_angles(pos, model.wte.embedding_dim // model.n_head)
+    # query i sits at position past + i and sees every key up to it (a plain causal mask when past = 0)
+    mask = (torch.arange(past + T, device=idx.device) <= pos[:, None]) if past else None
+    x = model.wte(idx)  # (B, T, C)
+    for block, cache in zip(model.blocks, caches):
+        q, k, v = block.attn.project(block.norm1(x), cos, sin)  # (B, nh, T, hs)
+        if cache:
+            k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
+        cache["k"], cache["v"] = k, v
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        x = x + block.attn.proj(y.transpose(1, 2).reshape(x.shape))
+        x = x + block.mlp(block.norm2(x))
+    return model.lm_head(model.norm(x))  # (B, T, V)
+
+
 def grouped_logp(model, prompts, comps):
     """sum_t log p(y_t | x, y_<t) of K completions per prompt: (P, Tp), (P, K, Tc) -> (P, K).
     The prompt runs through the model once; its KV cache is repeated for its K completions, which
     then run as one (P*K, Tc-1) call: the same numbers as K full forwards, for about half the work."""
     P, K, Tc = comps.shape
-    caches = model.new_caches()
-    first = model(prompts, caches=caches)[:, -1:]  # (P, 1, V): predicts each completion's first token
+    caches = [{} for _ in model.blocks]
+    first = cached_forward(model, prompts, caches)[:, -1:]  # (P, 1, V): predicts each completion's first token
     for c in caches:
         c["k"], c["v"] = c["k"].repeat_interleave(K, 0), c["v"].repeat_interleave(K, 0)
     flat = comps.reshape(P * K, Tc)
-    rest = model(flat[:, :-1], caches=caches)  # (P*K, Tc-1, V), positions continue after the prompt
+    rest = cached_forward(model, flat[:, :-1], caches)  # (P*K, Tc-1, V), positions continue after the prompt
     logits = torch.cat([first.repeat_interleave(K, 0), rest], 1)  # (P*K, Tc, V)
     logp = torch.log_softmax(logits.float(), -1).gather(-1, flat[..., None]).squeeze(-1)
     return logp.sum(1).view(P, K)
@@ -450,8 +471,8 @@ def generate(model, prompts, n_tokens, temperature, gen, k=1, batch=1024):
     model.eval()
     toks_out, logp_out, dev = [], [], device_of(model)
     for s in range(0, len(prompts), batch):
-        caches = model.new_caches()
-        logits = model(prompts[s:s + batch].to(dev), caches=caches)[:, -1].repeat_interleave(k, 0)  # (B*k, V)
+        caches = [{} for _ in model.blocks]
+        logits = cached_forward(model, prompts[s:s + batch].to(dev), caches)[:, -1].repeat_interleave(k, 0)  # (B*k, V)
         for c in caches:
             c["k"], c["v"] = c["k"].repeat_interleave(k, 0), c["v"].repeat_interleave(k, 0)
         toks, logp = [], torch.zeros(len(logits))
@@ -461,7 +482,7 @@ def generate(model, prompts, n_tokens, temperature, gen, k=1, batch=1024):
             logp += torch.log_softmax(logits, -1).gather(-1, nxt).squeeze(-1)
             toks.append(nxt)
             if t + 1 < n_tokens:
-                logits = model(nxt.to(dev), caches=caches)[:, -1]  # positions continue from the cache length
+                logits = cached_forward(model, nxt.to(dev), caches)[:, -1]  # positions continue from the cache length
         toks_out.append(torch.cat(toks, 1))
         logp_out.append(logp)
     if not toks_out:

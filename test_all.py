@@ -113,10 +113,10 @@ def test_train_cli_bad_input_is_one_line_without_traceback(tmp_path, capsys):
 # train.py: the shared block
 
 
-@pytest.mark.parametrize("causal,window", [(True, 0), (True, 3), (False, 0)])
-def test_train_block_causality_by_perturbation(causal, window):
+@pytest.mark.parametrize("causal", [True, False])
+def test_train_block_causality_by_perturbation(causal):
     torch.manual_seed(0)
-    model = TransformerLM(11, 2, 2, 16, causal=causal, window=window).eval()
+    model = TransformerLM(11, 2, 2, 16, causal=causal).eval()
     x = torch.randint(0, 11, (2, 12))
     y = x.clone()
     y[:, 7:] = (y[:, 7:] + 1) % 11  # change every token from position 7 on
@@ -125,30 +125,17 @@ def test_train_block_causality_by_perturbation(causal, window):
         torch.testing.assert_close(a[:, :7], b[:, :7])  # the past never sees the future
     else:
         assert not torch.allclose(a[:, :7], b[:, :7])  # bidirectional: it does
-    if window:  # with a window of 3 (two layers), position 1 cannot see position 6
-        z = x.clone()
-        z[:, 0] = (z[:, 0] + 1) % 11
-        torch.testing.assert_close(model(z)[:, 6:], a[:, 6:])
-
-
-def test_train_kv_cache_generation_matches_full_forward():
-    torch.manual_seed(0)
-    model = TransformerLM(13, 2, 2, 16).eval()
-    x = torch.randint(0, 13, (3, 9))
-    full = model(x)
-    caches = model.new_caches()
-    parts = [model(x[:, :5], caches=caches)] + [model(x[:, t:t + 1], caches=caches) for t in range(5, 9)]
-    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
 
 
 def test_train_rope_positions_are_relative():
     # RoPE makes attention scores depend on position differences only: shifting all positions
-    # (as hnet_rl does with byte positions of chunks) leaves a causal model's output unchanged.
+    # (as hnet_rl does with byte positions of chunks) leaves a causal block's output unchanged.
     torch.manual_seed(0)
-    model = TransformerLM(7, 1, 2, 16).eval()
-    x = torch.randint(0, 7, (1, 6))
+    block = train.Block(16, 2).eval()
+    x = torch.randn(1, 6, 16)
     pos = torch.arange(6)
-    torch.testing.assert_close(model(x, pos=pos), model(x, pos=pos + 40), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(block(x, *train.rope_angles(pos, 8)), block(x, *train.rope_angles(pos + 40, 8)),
+                               atol=1e-4, rtol=1e-4)
 
 # ----------------------------------------------------------------------------------------------
 # train.py: the loop
@@ -932,6 +919,16 @@ def test_subliminal_dpo_corpus_deterministic_per_seed():
     assert (a < len(sd.VOCAB)).all() and (a[:, 0] == sd.BOS).all()
 
 
+def test_subliminal_cached_forward_in_pieces_equals_one_full_forward():
+    model = tiny_model(2)
+    x = torch.randint(0, len(sd.VOCAB), (3, 9))
+    caches = [{} for _ in model.blocks]
+    with torch.no_grad():
+        parts = [sd.cached_forward(model, x[:, :5], caches)] + [sd.cached_forward(model, x[:, t:t + 1], caches)
+                                                                for t in range(5, 9)]
+        torch.testing.assert_close(torch.cat(parts, 1), model(x), atol=1e-5, rtol=1e-5)
+
+
 def test_subliminal_dpo_kv_cached_generation_equals_naive():
     model = tiny_model(2)
     prompts, _ = sd.number_prompts(0, "t", 3)
@@ -1448,14 +1445,16 @@ def test_hnet_rl_rate_offset_steers_rate_only_in_training():
 
 @pytest.mark.parametrize("T,W", [(24, 6), (23, 5), (10, 3), (7, 8)])
 def test_hnet_rl_local_attention_equals_masked_reference(T, W):
-    # blocks of W queries over 2W keys (cost L x W) = the engine's masked sliding window (cost L^2),
+    # blocks of W queries over 2W keys (cost L x W) = attention under the full banded mask (cost L^2),
     # also when T is not a multiple of W; the model's byte blocks use it
     torch.manual_seed(0)
-    ref, local = train.Attention(16, 2, True, W), hr.LocalAttention(16, 2, True, W)
-    local.load_state_dict(ref.state_dict())
+    local = hr.LocalAttention(16, 2, W)
     x = torch.randn(3, T, 16, requires_grad=True)
     cos, sin = train.rope_angles(torch.arange(T), 8)
-    y_ref, y = ref(x, cos, sin), local(x, cos, sin)
+    i, j = torch.arange(T)[:, None], torch.arange(T)
+    q, k, v = local.project(x, cos, sin)  # the reference: query i sees keys i - W < j <= i
+    y_ref = local.proj(F.scaled_dot_product_attention(q, k, v, attn_mask=(j <= i) & (i - j < W)).transpose(1, 2).reshape(3, T, 16))
+    y = local(x, cos, sin)
     torch.testing.assert_close(y, y_ref, atol=1e-6, rtol=1e-5)
     (g_ref,), (g,) = (torch.autograd.grad(o.square().sum(), x) for o in (y_ref, y))
     torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-5)

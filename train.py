@@ -238,10 +238,10 @@ def apply_rope(x, cos, sin):  # x: (..., hs); cos/sin: broadcastable to (..., hs
     return torch.view_as_real(torch.view_as_complex(pairs) * torch.complex(cos, sin)).flatten(-2).type_as(x)
 
 class Attention(nn.Module):
-    def __init__(self, n_embd, n_head, causal=True, window=0):
+    def __init__(self, n_embd, n_head, causal=True):
         super().__init__()
         assert n_embd % n_head == 0 and (n_embd // n_head) % 2 == 0, "head size must be even for RoPE"
-        self.n_head, self.causal, self.window = n_head, causal, window
+        self.n_head, self.causal = n_head, causal
         self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=False)
         self.proj = nn.Linear(n_embd, n_embd, bias=False)
 
@@ -252,20 +252,10 @@ class Attention(nn.Module):
         # rotate in the (B, T, nh, hs) layout the projection wrote: then no backward step needs a copy
         return apply_rope(q, cos, sin).transpose(1, 2), apply_rope(k, cos, sin).transpose(1, 2), v.transpose(1, 2)
 
-    def forward(self, x, cos, sin, cache=None):
+    def forward(self, x, cos, sin):
         B, T, C = x.shape
         q, k, v = self.project(x, cos, sin)
-        past = 0
-        if cache is not None:  # KV cache for generation: append this call's keys and values
-            if "k" in cache:
-                past = cache["k"].shape[2]
-                k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
-            cache["k"], cache["v"] = k, v
-        mask = None
-        if self.causal and (past > 0 or self.window):  # explicit mask: query i sits at position past+i
-            i, j = torch.arange(T, device=x.device)[:, None] + past, torch.arange(past + T, device=x.device)
-            mask = (j <= i) & ((i - j < self.window) if self.window else True)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal and mask is None)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))  # (B, nh, T, hs) -> (B, T, C)
 
 class MLP(nn.Module):
@@ -282,13 +272,13 @@ class Block(nn.Module):
     LayerNorm without bias rather than RMSNorm: on CPU, F.layer_norm is one fused kernel while
     F.rms_norm is composed of several (4.6x slower in eager at 384 wide); on GPU compile fuses both."""
 
-    def __init__(self, n_embd, n_head, causal=True, window=0, mlp_ratio=4):
+    def __init__(self, n_embd, n_head, causal=True, mlp_ratio=4):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(n_embd, bias=False), nn.LayerNorm(n_embd, bias=False)
-        self.attn, self.mlp = Attention(n_embd, n_head, causal, window), MLP(n_embd, mlp_ratio)
+        self.attn, self.mlp = Attention(n_embd, n_head, causal), MLP(n_embd, mlp_ratio)
 
-    def forward(self, x, cos, sin, cache=None):
-        x = x + self.attn(self.norm1(x), cos, sin, cache)
+    def forward(self, x, cos, sin):
+        x = x + self.attn(self.norm1(x), cos, sin)
         return x + self.mlp(self.norm2(x))
 
 def init_weights(model, n_layer):
@@ -301,26 +291,20 @@ def init_weights(model, n_layer):
 class TransformerLM(nn.Module):
     """Token embedding -> blocks -> norm -> untied LM head. No learned positions: RoPE only."""
 
-    def __init__(self, vocab_size, n_layer, n_head, n_embd, causal=True, window=0):
+    def __init__(self, vocab_size, n_layer, n_head, n_embd, causal=True):
         super().__init__()
         self.n_head = n_head
         self.wte = nn.Embedding(vocab_size, n_embd)
-        self.blocks = nn.ModuleList(Block(n_embd, n_head, causal, window) for _ in range(n_layer))
+        self.blocks = nn.ModuleList(Block(n_embd, n_head, causal) for _ in range(n_layer))
         self.norm = nn.LayerNorm(n_embd, bias=False)
         self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
         init_weights(self, n_layer)
 
-    def new_caches(self):
-        return [{} for _ in self.blocks]
-
-    def forward(self, idx, pos=None, caches=None):  # idx (B, T) -> logits (B, T, V)
-        if pos is None:
-            start = caches[0]["k"].shape[2] if caches and "k" in caches[0] else 0
-            pos = torch.arange(start, start + idx.shape[1], device=idx.device)
-        cos, sin = rope_angles(pos, self.wte.embedding_dim // self.n_head)
+    def forward(self, idx):  # idx (B, T) -> logits (B, T, V)
+        cos, sin = rope_angles(torch.arange(idx.shape[1], device=idx.device), self.wte.embedding_dim // self.n_head)
         x = self.wte(idx)  # (B, T, C)
-        for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, caches[i] if caches is not None else None)
+        for block in self.blocks:
+            x = block(x, cos, sin)
         return self.lm_head(self.norm(x))
 
 def count_params(module):
