@@ -61,7 +61,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from train import (cli, TrainConfig, parse_config, setup, fill_auto, TransformerLM, rope_angles, count_params,
+from train import (cli, TrainConfig, parse_config, setup, fill_auto, TransformerLM, cached_forward, count_params,
                    train, save_results, save_figure, load_checked, DataError, t_quantile)
 
 
@@ -392,27 +392,6 @@ class Judge:
 
 # ----------------------------------------------------------------------------------------------
 # log-probabilities and sampling: K completions of one prompt share the prompt's keys and values
-
-
-def cached_forward(model, idx, caches):
-    """model(idx) for a TransformerLM, continuing the sequences whose keys and values sit in caches
-    (one dict per block, {} to start; appended to here): idx (B, T) at positions past .. past+T-1."""
-    B, T = idx.shape
-    past = caches[0]["k"].shape[2] if caches[0] else 0
-    pos = torch.arange(past, past + T, device=idx.device)
-    cos, sin = rope_angles(pos, model.wte.embedding_dim // model.n_head)
-    # query i sits at position past + i and sees every key up to it (a plain causal mask when past = 0)
-    mask = (torch.arange(past + T, device=idx.device) <= pos[:, None]) if past else None
-    x = model.wte(idx)  # (B, T, C)
-    for block, cache in zip(model.blocks, caches):
-        q, k, v = block.attn.project(block.norm1(x), cos, sin)  # (B, nh, T, hs)
-        if cache:
-            k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
-        cache["k"], cache["v"] = k, v
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-        x = x + block.attn.proj(y.transpose(1, 2).reshape(x.shape))
-        x = x + block.mlp(block.norm2(x))
-    return model.lm_head(model.norm(x))  # (B, T, V)
 
 
 def grouped_logp(model, prompts, comps):

@@ -307,6 +307,26 @@ class TransformerLM(nn.Module):
             x = block(x, cos, sin)
         return self.lm_head(self.norm(x))
 
+def cached_forward(model, idx, caches):
+    """model(idx) of a causal TransformerLM, for generation: continues the sequences whose keys and
+    values sit in caches (one dict per block, {} to start; appended to). idx (B, T) is at past .. past+T-1."""
+    T = idx.shape[1]
+    past = caches[0]["k"].shape[2] if caches[0] else 0
+    pos = torch.arange(past, past + T, device=idx.device)
+    cos, sin = rope_angles(pos, model.wte.embedding_dim // model.n_head)
+    # query i sits at position past + i and sees every key up to it (a plain causal mask when past = 0)
+    mask = (torch.arange(past + T, device=idx.device) <= pos[:, None]) if past else None
+    x = model.wte(idx)  # (B, T, C)
+    for block, cache in zip(model.blocks, caches):
+        q, k, v = block.attn.project(block.norm1(x), cos, sin)  # (B, nh, T, hs)
+        if cache:
+            k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
+        cache["k"], cache["v"] = k, v
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        x = x + block.attn.proj(y.transpose(1, 2).reshape(x.shape))
+        x = x + block.mlp(block.norm2(x))
+    return model.lm_head(model.norm(x))  # (B, T, V)
+
 def count_params(module):
     return sum(p.numel() for p in module.parameters())
 
