@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from train import (TrainConfig, parse_config, setup, die, fill_auto, TransformerLM, cached_forward, count_params, train,
+from train import (TrainConfig, parse_config, setup, die, fill_auto, TransformerLM, count_params, train,
                    save_results, save_figure, embedded_text, download, maybe_compile, cli, DataError,
                    atomic_save, load_checked)
 
@@ -312,7 +312,7 @@ def sample_ar(model, V, n, L, gen):
     device = next(model.parameters()).device
     caches, tok, out = [{} for _ in model.blocks], torch.full((n, 1), V, device=device), []
     for _ in range(L):
-        logp = cached_forward(model, tok, caches)[:, -1, :V].double().log_softmax(-1)  # (n, V)
+        logp = model(tok, caches)[:, -1, :V].double().log_softmax(-1)  # (n, V)
         tok = gumbel_argmax(logp, gen)[:, None]
         out.append(tok)
     return torch.cat(out, 1)  # (n, L)

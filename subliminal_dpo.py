@@ -61,7 +61,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from train import (cli, TrainConfig, parse_config, setup, fill_auto, TransformerLM, cached_forward, count_params,
+from train import (cli, TrainConfig, parse_config, setup, fill_auto, TransformerLM, count_params,
                    train, save_results, save_figure, load_checked, DataError, t_quantile)
 
 
@@ -400,11 +400,11 @@ def grouped_logp(model, prompts, comps):
     then run as one (P*K, Tc-1) call: the same numbers as K full forwards, for about half the work."""
     P, K, Tc = comps.shape
     caches = [{} for _ in model.blocks]
-    first = cached_forward(model, prompts, caches)[:, -1:]  # (P, 1, V): predicts each completion's first token
+    first = model(prompts, caches)[:, -1:]  # (P, 1, V): predicts each completion's first token
     for c in caches:
         c["k"], c["v"] = c["k"].repeat_interleave(K, 0), c["v"].repeat_interleave(K, 0)
     flat = comps.reshape(P * K, Tc)
-    rest = cached_forward(model, flat[:, :-1], caches)  # (P*K, Tc-1, V), positions continue after the prompt
+    rest = model(flat[:, :-1], caches)  # (P*K, Tc-1, V), positions continue after the prompt
     logits = torch.cat([first.repeat_interleave(K, 0), rest], 1)  # (P*K, Tc, V)
     logp = torch.log_softmax(logits.float(), -1).gather(-1, flat[..., None]).squeeze(-1)
     return logp.sum(1).view(P, K)
@@ -451,7 +451,7 @@ def generate(model, prompts, n_tokens, temperature, gen, k=1, batch=1024):
     toks_out, logp_out, dev = [], [], device_of(model)
     for s in range(0, len(prompts), batch):
         caches = [{} for _ in model.blocks]
-        logits = cached_forward(model, prompts[s:s + batch].to(dev), caches)[:, -1].repeat_interleave(k, 0)  # (B*k, V)
+        logits = model(prompts[s:s + batch].to(dev), caches)[:, -1].repeat_interleave(k, 0)  # (B*k, V)
         for c in caches:
             c["k"], c["v"] = c["k"].repeat_interleave(k, 0), c["v"].repeat_interleave(k, 0)
         toks, logp = [], torch.zeros(len(logits))
@@ -461,7 +461,7 @@ def generate(model, prompts, n_tokens, temperature, gen, k=1, batch=1024):
             logp += torch.log_softmax(logits, -1).gather(-1, nxt).squeeze(-1)
             toks.append(nxt)
             if t + 1 < n_tokens:
-                logits = cached_forward(model, nxt.to(dev), caches)[:, -1]  # positions continue from the cache length
+                logits = model(nxt.to(dev), caches)[:, -1]  # positions continue from the cache length
         toks_out.append(torch.cat(toks, 1))
         logp_out.append(logp)
     if not toks_out:

@@ -132,7 +132,7 @@ def test_train_kv_cache_generation_matches_full_forward():
     model = TransformerLM(13, 2, 2, 16).eval()
     x = torch.randint(0, 13, (3, 9))
     caches = [{} for _ in model.blocks]
-    parts = [train.cached_forward(model, x[:, :5], caches)] + [train.cached_forward(model, x[:, t:t + 1], caches)
+    parts = [model(x[:, :5], caches)] + [model(x[:, t:t + 1], caches)
                                                                for t in range(5, 9)]
     torch.testing.assert_close(torch.cat(parts, 1), model(x), atol=1e-5, rtol=1e-5)
 

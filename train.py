@@ -252,10 +252,17 @@ class Attention(nn.Module):
         # rotate in the (B, T, nh, hs) layout the projection wrote: then no backward step needs a copy
         return apply_rope(q, cos, sin).transpose(1, 2), apply_rope(k, cos, sin).transpose(1, 2), v.transpose(1, 2)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, cache=None):
         B, T, C = x.shape
         q, k, v = self.project(x, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        mask = None
+        if cache is not None:  # generation: append this call's keys and values; query i sits at past + i
+            if cache:
+                past = cache["k"].shape[2]
+                k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
+                mask = torch.arange(past + T, device=x.device) <= torch.arange(past, past + T, device=x.device)[:, None]
+            cache["k"], cache["v"] = k, v
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal and mask is None)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))  # (B, nh, T, hs) -> (B, T, C)
 
 class MLP(nn.Module):
@@ -277,8 +284,8 @@ class Block(nn.Module):
         self.norm1, self.norm2 = nn.LayerNorm(n_embd, bias=False), nn.LayerNorm(n_embd, bias=False)
         self.attn, self.mlp = Attention(n_embd, n_head, causal), MLP(n_embd, mlp_ratio)
 
-    def forward(self, x, cos, sin):
-        x = x + self.attn(self.norm1(x), cos, sin)
+    def forward(self, x, cos, sin, cache=None):
+        x = x + self.attn(self.norm1(x), cos, sin, cache)
         return x + self.mlp(self.norm2(x))
 
 def init_weights(model, n_layer):
@@ -300,32 +307,14 @@ class TransformerLM(nn.Module):
         self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
         init_weights(self, n_layer)
 
-    def forward(self, idx):  # idx (B, T) -> logits (B, T, V)
-        cos, sin = rope_angles(torch.arange(idx.shape[1], device=idx.device), self.wte.embedding_dim // self.n_head)
+    def forward(self, idx, caches=None):  # idx (B, T) -> logits (B, T, V); caches: one {} per block, for generation
+        past = caches[0]["k"].shape[2] if caches and caches[0] else 0  # generation continues at position past
+        pos = torch.arange(past, past + idx.shape[1], device=idx.device)
+        cos, sin = rope_angles(pos, self.wte.embedding_dim // self.n_head)
         x = self.wte(idx)  # (B, T, C)
-        for block in self.blocks:
-            x = block(x, cos, sin)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, caches[i] if caches else None)
         return self.lm_head(self.norm(x))
-
-def cached_forward(model, idx, caches):
-    """model(idx) of a causal TransformerLM, for generation: continues the sequences whose keys and
-    values sit in caches (one dict per block, {} to start; appended to). idx (B, T) is at past .. past+T-1."""
-    T = idx.shape[1]
-    past = caches[0]["k"].shape[2] if caches[0] else 0
-    pos = torch.arange(past, past + T, device=idx.device)
-    cos, sin = rope_angles(pos, model.wte.embedding_dim // model.n_head)
-    # query i sits at position past + i and sees every key up to it (a plain causal mask when past = 0)
-    mask = (torch.arange(past + T, device=idx.device) <= pos[:, None]) if past else None
-    x = model.wte(idx)  # (B, T, C)
-    for block, cache in zip(model.blocks, caches):
-        q, k, v = block.attn.project(block.norm1(x), cos, sin)  # (B, nh, T, hs)
-        if cache:
-            k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
-        cache["k"], cache["v"] = k, v
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-        x = x + block.attn.proj(y.transpose(1, 2).reshape(x.shape))
-        x = x + block.mlp(block.norm2(x))
-    return model.lm_head(model.norm(x))  # (B, T, V)
 
 def count_params(module):
     return sum(p.numel() for p in module.parameters())
