@@ -367,7 +367,7 @@ class LocalAttention(Attention):
         super().__init__(n_embd, n_head)
         self.window = window
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, cache=None):
         W, (B, T, C) = self.window, x.shape
         if not W or W >= T:  # the window covers the whole sequence: plain causal attention
             return super().forward(x, cos, sin)
