@@ -22,7 +22,9 @@ import subliminal_dpo as sd
 slow = pytest.mark.skipif(not os.environ.get("RUN_SLOW"), reason="slow: run with RUN_SLOW=1")
 torch.set_num_threads(1)  # 2 threads on a shared 2-core box run slower (OpenMP oversubscription)
 ROOT = Path(__file__).resolve().parent
-SCRATCH = Path(tempfile.mkdtemp(prefix="test_all."))  # the background command lines' --out
+# the background command lines' --out; child processes that import this file share it
+SCRATCH = Path(os.environ.get("TEST_ALL_SCRATCH") or tempfile.mkdtemp(prefix="test_all."))
+os.environ["TEST_ALL_SCRATCH"] = str(SCRATCH)
 
 
 def run_cli(*args, timeout=120):
@@ -45,6 +47,8 @@ BACKGROUND = {
     "hnet_compare": ["hnet_rl.py", "--compare", "--compile", "--compile_backend=aot_eager", "--n_embd=16", "--n_head=2",
                      "--n_main=1", "--seq_len=64", "--chunk_bucket=16", "--batch_size=4", "--max_steps=20", "--warmup=2",
                      "--eval_windows=2", "--bpe_vocab=300", "--threads=1", f"--out={SCRATCH}/hnet_compare"],
+    # one 2-rank gloo launch for both DDP tests (each rank imports torch and every script: seconds)
+    "ddp": ["-c", f"import test_all\ntest_all._ddp_launch({str(SCRATCH / 'ddp')!r})"],
 }
 _STARTED = {}
 
@@ -424,16 +428,21 @@ def _ddp_worker(rank, world, port, tmp):
     torch.distributed.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def ddp_runs(tmp_path_factory):
+def _ddp_launch(tmp):
+    """The 2-rank launch, run in the background from the first test on (see BACKGROUND)."""
     import socket
     import torch.multiprocessing as mp
-    tmp = tmp_path_factory.mktemp("ddp")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp)), nprocs=2)
-    return tmp
+    mp.spawn(_ddp_worker, args=(2, port, tmp), nprocs=2)
+
+
+@pytest.fixture(scope="module")
+def ddp_runs():
+    code, err = cli_result("ddp")
+    assert code == 0, err
+    return SCRATCH / "ddp"
 
 
 def test_train_ddp_two_processes_equal_one_process(tmp_path, ddp_runs):
