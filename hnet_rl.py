@@ -818,27 +818,31 @@ def estimate_memory(cfg):
         return fake_memory(lambda: (ChunkedByteLM(cfg), loss_fn_for(cfg), batch()), bf16=cfg.gpu)
 
 
-def bench(cfg, ctx, data, bounds, steps=8):
-    """Median time of one micro-step (forward, backward, AdamW) per method, each on a fresh batch (a
+def bench(cfg, ctx, data, bounds, steps=12):
+    """Time of one micro-step (forward, backward, AdamW) per method, each step on a fresh batch (a
     data-dependent method must not be timed on one reused batch: its chunk count, and so its cost,
-    varies), and the estimated memory of one micro-step."""
+    varies), and the estimated memory of one micro-step. The methods take turns step by step, in
+    alternating order, so that a change in the machine's load hits them alike; a method's cost is the
+    median over rounds of its step time / fixed's step time in the same round."""
     rows = cfg.batch_size // cfg.grad_accum  # one micro-step: what has to fit in memory at once
     print(f"bench: d={cfg.n_embd}, blocks {cfg.n_enc}/{cfg.n_main}/{cfg.n_dec}, seq {cfg.seq_len}, "
           f"{rows} rows per micro-step, device {ctx.device}, torch threads {torch.get_num_threads()}, "
-          f"{steps} timed steps on fresh batches after 2 warm-up steps")
-    times = {}
-    for method in METHODS:
+          f"{steps} timed rounds of one step per method on fresh batches after 2 warm-up rounds")
+    runs = {}
+    for method in METHODS:  # torch.compile is lazy: every model compiles at its first step, none is reset
         c = variant(cfg, method)
         torch.manual_seed(0)
         model = ChunkedByteLM(c).to(ctx.device)
-        opt, fast, loss_fn = make_optimizer(model, c, ctx), maybe_compile(model, c), loss_fn_for(c)
         get = make_get_batch(c, data, bounds)
-        batches = [slice_rows(get(i), 0, c.grad_accum, ctx.device) for i in range(steps + 2)]
-        times[method] = []
-        for i, batch in enumerate(batches):
+        runs[method] = (make_optimizer(model, c, ctx), maybe_compile(model, c), loss_fn_for(c),
+                        [slice_rows(get(i), 0, c.grad_accum, ctx.device) for i in range(steps + 2)])
+    times = {method: [] for method in METHODS}
+    for i in range(steps + 2):
+        for method in list(METHODS)[::-1 if i % 2 else 1]:
+            opt, fast, loss_fn, batches = runs[method]
             t0 = time.time()
             with ctx.autocast():
-                loss, _ = loss_fn(fast, batch)
+                loss, _ = loss_fn(fast, batches[i])
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -848,7 +852,9 @@ def bench(cfg, ctx, data, bounds, steps=8):
                 times[method].append(time.time() - t0)
     rates = {m: rows * cfg.seq_len / float(np.median(t)) for m, t in times.items()}
     for method, bps in rates.items():
-        print(f"  {method:8s} {bps:12,.0f} bytes/s   step time {rates['fixed'] / bps:.2f}x fixed   "
+        ratio = np.array(times[method]) / np.array(times["fixed"])  # (steps,): per round, moments apart
+        print(f"  {method:8s} {bps:12,.0f} bytes/s   step time {np.median(ratio):.2f}x fixed (quartiles "
+              f"{np.percentile(ratio, 25):.2f}-{np.percentile(ratio, 75):.2f})   "
               f"memory ~{estimate_memory(variant(cfg, method)):.1f} GiB (FakeTensor estimate)")
     return rates
 

@@ -3,7 +3,7 @@ test_all.py: fast invariant tests for train.py and the four paper scripts (pytes
 Tiny models, fixed seeds; the whole file runs in well under a minute on 2 CPU cores.
 Anything slower is marked `@slow` and skipped by default (RUN_SLOW=1 python -m pytest test_all.py).
 """
-import copy, dataclasses, itertools, json, math, os, random, shutil, signal, subprocess, sys, tempfile, time, warnings
+import contextlib, copy, dataclasses, itertools, json, math, os, random, shutil, signal, subprocess, sys, tempfile, threading, warnings
 from pathlib import Path
 
 import numpy as np
@@ -43,14 +43,33 @@ BACKGROUND = {
     "subliminal": ["subliminal_dpo.py", "--target=tiger"],
     "hnet": ["hnet_rl.py", "--method=magic"],
     "fisher": ["fisher_ood.py", "--model=bogus"],
-    # the longest: every hnet_rl method compiled in one process, 20 steps each (aot_eager stands in for inductor)
+    # the longest: every hnet_rl method compiled in one process, 12 steps each (aot_eager stands in for inductor)
     "hnet_compare": ["hnet_rl.py", "--compare", "--compile", "--compile_backend=aot_eager", "--n_embd=16", "--n_head=2",
-                     "--n_main=1", "--seq_len=64", "--chunk_bucket=16", "--batch_size=4", "--max_steps=20", "--warmup=2",
-                     "--eval_windows=2", "--bpe_vocab=300", "--threads=1", f"--out={SCRATCH}/hnet_compare"],
-    # one 2-rank gloo launch for both DDP tests (each rank imports torch and every script: seconds)
-    "ddp": ["-c", f"import test_all\ntest_all._ddp_launch({str(SCRATCH / 'ddp')!r})"],
+                     "--n_main=1", "--seq_len=64", "--chunk_bucket=16", "--batch_size=4", "--max_steps=12",
+                     "--eval_every=12", "--warmup=2", "--eval_windows=2", "--bpe_vocab=300", "--threads=1",
+                     f"--out={SCRATCH}/hnet_compare"],
 }
+# one 2-rank gloo launch for both DDP tests (each rank imports torch and every script: seconds)
+for _rank in range(2):
+    BACKGROUND[f"ddp{_rank}"] = ["-c", f"import test_all\ntest_all._ddp_worker({_rank}, 2, {str(SCRATCH / 'ddp')!r})"]
 _STARTED = {}
+
+
+_CTRL_C = {"err": ""}
+
+
+def _ctrl_c_when_pretraining(p):
+    """A thread: a terminal's Ctrl-C (SIGINT to the whole process group) once both of subliminal_dpo's
+    worker processes show their pretraining bars (2,000 steps: still at it); keeps what it printed."""
+    seen = ""
+    while not all(f"pretrain base (seed {seed})" in seen for seed in (0, 1)):
+        chunk = os.read(p.stderr.fileno(), 4096).decode(errors="replace")
+        if not chunk:  # it ended on its own: the test says so
+            break
+        seen += chunk
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(p.pid, signal.SIGINT)
+    _CTRL_C["err"] = seen + p.communicate(timeout=60)[1]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -58,8 +77,15 @@ def _background_clis():
     for name, args in BACKGROUND.items():
         _STARTED[name] = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE,
                                           stderr=subprocess.PIPE, text=True)
+    args = [a for a in TINY if not a.startswith(("--seeds", "--pretrain_steps", "--rounds"))]
+    p = subprocess.Popen([sys.executable, "subliminal_dpo.py", *args, "--seeds=2", "--workers=2", "--rounds=50",
+                          "--pretrain_steps=2000", f"--out={SCRATCH}/subliminal_ctrl_c"], cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    _CTRL_C.update(p=p, thread=threading.Thread(target=_ctrl_c_when_pretraining, args=(p,), daemon=True))
+    _CTRL_C["thread"].start()
     yield
-    for p in _STARTED.values():
+    for p in [*_STARTED.values(), _CTRL_C["p"]]:
         p.kill()
     shutil.rmtree(SCRATCH, ignore_errors=True)
 
@@ -407,10 +433,12 @@ def test_train_second_run_into_the_same_out_refuses(tmp_path, capsys):
     assert (tmp_path / ".lock").exists()
 
 
-def _ddp_worker(rank, world, port, tmp):
+def _ddp_worker(rank, world, tmp):
     """One 2-rank gloo launch serves both DDP tests (a launch costs seconds): the engine's toy run,
-    then one step of every script's own model and loss."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    then one step of every script's own model and loss. The ranks meet through a file in tmp."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
+    Path(tmp).mkdir(parents=True, exist_ok=True)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
     torch.set_num_threads(1)
     cfg, ctx, model, get_batch, _ = toy_setup(Path(tmp) / "ddp", max_steps=2, warmup=1, batch_size=12, grad_accum=3)
     draws = []
@@ -428,20 +456,11 @@ def _ddp_worker(rank, world, port, tmp):
     torch.distributed.destroy_process_group()
 
 
-def _ddp_launch(tmp):
-    """The 2-rank launch, run in the background from the first test on (see BACKGROUND)."""
-    import socket
-    import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, tmp), nprocs=2)
-
-
 @pytest.fixture(scope="module")
 def ddp_runs():
-    code, err = cli_result("ddp")
-    assert code == 0, err
+    for rank in range(2):
+        code, err = cli_result(f"ddp{rank}")
+        assert code == 0, err
     return SCRATCH / "ddp"
 
 
@@ -1133,20 +1152,13 @@ def test_subliminal_ctrl_c_while_judging_is_one_line(tmp_path, monkeypatch, caps
     assert e.value.code == 130 and err == ["error: interrupted"]
 
 
-def test_subliminal_ctrl_c_with_seeds_in_worker_processes_is_one_line(tmp_path):
+def test_subliminal_ctrl_c_with_seeds_in_worker_processes_is_one_line():
     # A terminal's Ctrl-C (SIGINT to the foreground group) while seeds run in spawned workers: exit 130
     # and one line. The workers' tqdm semaphores once leaked and the resource tracker printed a warning.
-    args = [a for a in TINY if not a.startswith(("--seeds", "--pretrain_steps", "--rounds"))]
-    p = subprocess.Popen([sys.executable, "subliminal_dpo.py", *args, "--seeds=2", "--workers=2", "--rounds=50",
-                          "--pretrain_steps=2000", f"--out={tmp_path}"], cwd=ROOT, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, start_new_session=True,
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    while "processes" not in p.stdout.readline():  # the pool is starting
-        pass
-    time.sleep(3.5)  # the workers import torch and start pretraining (2,000 steps: still at it)
-    os.killpg(p.pid, signal.SIGINT)
-    err = [l for l in p.communicate(timeout=60)[1].replace("\r", "\n").splitlines() if l.strip() and "it/s" not in l]
-    assert p.returncode == 130 and err == ["error: interrupted"], err
+    # (Started with the background command lines: _ctrl_c_when_pretraining.)
+    _CTRL_C["thread"].join(timeout=120)
+    err = [l for l in _CTRL_C["err"].replace("\r", "\n").splitlines() if l.strip() and "it/s" not in l]
+    assert _CTRL_C["p"].returncode == 130 and err == ["error: interrupted"], err
 
 
 def test_subliminal_ctrl_c_in_alignment_does_not_promise_a_resume(tmp_path, monkeypatch, capsys):
