@@ -63,7 +63,7 @@ import torch.nn.functional as F
 
 from train import (TrainConfig, parse_config, setup, die, fill_auto, Block, rope_angles, count_params, train,
                    save_results, save_figure, embedded_text, download, maybe_compile, atomic_write, cli, DataError)
-from train import init_weights, make_optimizer, Attention, slice_rows, mean_interval as interval
+from train import init_weights, make_optimizer, Attention, slice_rows, COMPILES, mean_interval as interval
 
 METHODS = ("rl", "hnet", "uniform", "fixed", "space", "bpe")
 ABLATIONS = {  # name -> overrides of the rl config (the repo's ablation table)
@@ -671,11 +671,13 @@ def run_one(name, cfg, ctx, data, val, bounds, val_bounds):
         return dict(train_bytes=step * bytes_per_step, **evaluate(m, cfg, val, val_bounds, ctx.device))
 
     tag = name.replace(":", "_").replace("=", "")
+    graphs = COMPILES[0]  # graphs compiled in this process so far: the run's own are counted below
     summary = train(model, make_get_batch(cfg, data, bounds), loss_fn_for(cfg), cfg, ctx, eval_fn=eval_fn,
                     ckpt_path=f"{cfg.out}/ckpt_{tag}_seed{cfg.seed}.pt", desc=f"{name} seed {cfg.seed}")
     final = summary["evals"][-1]
     return dict(method=name, seed=cfg.seed, params=count_params(model), bytes_per_s=summary["items_per_s"],
-                seconds=summary["seconds"], recompiles=summary["recompiles"], curve=summary["evals"], sample=show_boundaries(
+                seconds=summary["seconds"], graphs=COMPILES[0] - graphs, recompiles=summary["recompiles"],
+                curve=summary["evals"], sample=show_boundaries(
                     model, cfg, val, val_bounds, ctx.device), **{k: final[k] for k in FIGURES})
 
 

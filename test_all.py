@@ -1984,10 +1984,10 @@ def test_scripts_two_ranks_equal_one_process_on_the_combined_batch(tmp_path, ddp
             assert torch.equal(ranks[0][name][k], ranks[1][name][k])
 
 
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", [name for name in CASES if not name.startswith("hnet")])
 def test_scripts_compile_once_and_never_recompile(name, tmp_path):
     # aot_eager stands in for inductor on the CPU: the same graph capture and guards, no codegen.
-    # (hnet_rl's chunk count depends on the data: it is padded to a bucket, here the whole sequence.)
+    # (hnet_rl's methods are checked through its command line, all six in one process: the last test.)
     cfg, model, batch, loss_fn = script_case(name, tmp_path)
     cfg = dataclasses.replace(cfg, compile=True, compile_backend="aot_eager", max_steps=12)
     g = torch.Generator().manual_seed(1)
@@ -2132,4 +2132,5 @@ def test_hnet_rl_compare_compiles_every_method_once_in_one_process():
     assert code == 0, err[-2000:]
     rows = json.loads((SCRATCH / "hnet_compare" / "results.json").read_text())["rows"]
     assert [r["method"] for r in rows] == list(hr.METHODS) and all(math.isfinite(r["bpb"]) for r in rows)
-    assert all(r["recompiles"] <= 1 for r in rows) and rows[0]["recompiles"] == rows[1]["recompiles"] == 0
+    assert all(r["graphs"] >= 1 and r["recompiles"] <= 1 for r in rows)  # compiled, and at most once more
+    assert rows[0]["recompiles"] == rows[1]["recompiles"] == 0
