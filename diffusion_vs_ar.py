@@ -46,12 +46,12 @@ import torch.nn.functional as F
 
 from train import (TrainConfig, parse_config, setup, die, fill_auto, TransformerLM, count_params, train,
                    save_results, save_figure, embedded_text, download, maybe_compile, cli, DataError,
-                   atomic_save, load_checked)
+                   atomic_save, load_saved, mean_interval)
 
 
 @dataclass
 class Config(TrainConfig):
-    data: str = "auto"  # auto (prose on CPU, tinyshakespeare with --gpu) | prose | code (text shipped with Python) | tinyshakespeare (downloaded) | path to a UTF-8 text file (first 90 percent train)
+    data: str = "auto"  # auto (prose on CPU, tinyshakespeare with --gpu) | prose (text shipped with Python) | tinyshakespeare (downloaded) | path to a UTF-8 text file (first 90 percent train)
     tokenizer: str = "auto"  # auto (char on CPU, gpt2 with --gpu) | char | gpt2 (tiktoken's GPT-2 BPE; needs the network once)
     models: str = "ar,mdlm"  # which objectives to train: ar, mdlm or both
     widths: str = ""  # comma-separated model widths (empty = 2,4,16,64 on CPU; 96,192,384,768 with --gpu)
@@ -81,9 +81,6 @@ class Config(TrainConfig):
     bench: bool = False  # only measure training throughput (tokens/s) of both objectives and exit
 
     unused = ("max_steps", "eval_every", "log_every")  # set per run from --epochs and --eval_epochs
-    # analysis-only flags: changing them never changes a checkpointed run
-    resume_free = TrainConfig.resume_free + ("models", "widths", "seeds", "bench", "n_samples", "sample_steps",
-                                             "tol", "final_repeats", "iw_orders")
 
     def __post_init__(self):
         super().__post_init__()
@@ -122,12 +119,11 @@ class Config(TrainConfig):
 
 def load_text(cfg):
     """(train_text, held_out_text) as str. Real data sets keep the paper's split: first 90% / last 10%."""
-    if cfg.data in ("prose", "code"):
-        return (embedded_text(cfg.data, "train").decode("utf-8", "replace"),
-                embedded_text(cfg.data, "val").decode("utf-8", "replace"))
+    if cfg.data == "prose":
+        return embedded_text("train").decode("utf-8"), embedded_text("val").decode("utf-8")
     path = download(cfg.data, cfg.data_dir) if cfg.data == "tinyshakespeare" else Path(cfg.data)
     if not path.is_file():
-        raise ValueError(f"--data: no such file {cfg.data!r} (or use prose, code, tinyshakespeare)")
+        raise ValueError(f"--data: no such file {cfg.data!r} (or use prose, tinyshakespeare)")
     raw = path.read_bytes()
     # a binary file would otherwise train on U+FFFD replacement characters without a word
     try:
@@ -405,7 +401,7 @@ def run_one(kind, d, cfg, ctx, data, V):
     # The selected epoch's weights live in their own checksummed file, written whenever validation
     # improves (always before the checkpoint that records that evaluation), so a resumed run selects
     # and re-scores exactly what the uninterrupted one would have.
-    best = load_checked(best_path) if cfg.resume and ckpt.exists() and best_path.exists() else {}
+    best = load_saved(best_path) if cfg.resume and ckpt.exists() and best_path.exists() else {}
     eval_time = [0.0]
 
     def eval_fn(m, step):
@@ -505,16 +501,13 @@ def pronounced(descent):
 
 
 def seeds_interval(values, per_seq):
-    """Mean over seeds of a test loss (or a difference of two) and its standard error. The test set
-    is the same for every seed, so its sampling error does not average out: se^2 = (variance across
-    seeds) / S + (variance across test sequences of the seed-averaged per-sequence values) / n.
-    With one seed the seed term is unknown and left out (seed_se None)."""
-    S, seqs = len(values), torch.tensor(per_seq, dtype=torch.float64).mean(0)  # (n,)
-    mean = sum(values) / S
-    seed_var = sum((v - mean) ** 2 for v in values) / (S - 1) / S if S > 1 else None
-    test_var = float(seqs.var()) / len(seqs)
-    return dict(mean=mean, se=math.sqrt(test_var + (seed_var or 0.0)), test_se=math.sqrt(test_var),
-                seed_se=None if seed_var is None else math.sqrt(seed_var), seeds=S)
+    """Mean over seeds of a test loss (or a difference of two) and its 95% interval. The test set
+    is the same for every seed, so its sampling error does not average out: the standard error
+    of the seed-averaged per-sequence values enters mean_interval as the error all seeds share."""
+    seqs = torch.tensor(per_seq, dtype=torch.float64).mean(0)  # (n,)
+    test_se = math.sqrt(float(seqs.var()) / len(seqs))
+    mean, half = mean_interval(values, shared_se=test_se)
+    return dict(mean=mean, half=half, test_se=test_se, seeds=len(values))
 
 
 def pick_model(runs, seed, kind, widths):
@@ -587,10 +580,10 @@ def summarise(cfg, ctx, runs, data, V, floor):
 
 
 def lower_verdict(iv):
-    """AR minus MDLM with +-2 SE: a test that can say yes, no, or not resolved."""
-    if iv["mean"] + 2 * iv["se"] < 0:
+    """AR minus MDLM with its 95% interval: a test that can say yes, no, or not resolved."""
+    if iv["mean"] + iv["half"] < 0:
         return "YES"
-    return "NO (MDLM lower)" if iv["mean"] - 2 * iv["se"] > 0 else "NOT RESOLVED (within 2 SE)"
+    return "NO (MDLM lower)" if iv["mean"] - iv["half"] > 0 else "NOT RESOLVED (interval spans 0)"
 
 
 def log_spaced(epochs, n):
@@ -641,8 +634,8 @@ def report(cfg, summary, floor):
           f"that epoch{', MDLM with ' + str(cfg.final_repeats) + ' k-form samples per sequence' if 'mdlm' in kinds else ''}):")
     for k in kinds:
         b = M[k]["best"]
-        seed_part = f"seed SE {b['seed_se']:.3f}" if b["seed_se"] is not None else "seed SE not measured (1 seed)"
-        print(f"  {k.upper():4s} {b['mean']:.3f} +- {2 * b['se']:.3f} (2 SE: test-set SE {b['test_se']:.3f}, {seed_part})"
+        print(f"  {k.upper():4s} {b['mean']:.3f} +- {b['half']:.3f} (95%: {b['seeds']} seed(s), test-set SE "
+              f"{b['test_se']:.3f})"
               + (" [upper bound: NELBO]" if k == "mdlm" else " [exact NLL]") + "; per seed: "
               + ", ".join(f"{p['test_bpt']:.3f} (d={p['width']}@{p['epoch']})" for p in M[k]["picks"]))
         print("       per width (selected epoch, mean over seeds): " + ", ".join(
@@ -662,13 +655,13 @@ def report(cfg, summary, floor):
         print(f"  tol {tol:<6g} AR's threshold at a smaller width or earlier: {yes(v)}/{len(v)} seeds"
               f" (both thresholds located in {yes(loc)}/{len(loc)})")
     dif = summary["difference"]
-    print(f"  AR's best test loss lower: {lower_verdict(dif)}: AR - MDLM = {dif['mean']:+.3f} +- {2 * dif['se']:.3f} bits/token"
-          " (2 SE, paired over test sequences and seeds; MDLM's number is an upper bound)")
+    print(f"  AR's best test loss lower: {lower_verdict(dif)}: AR - MDLM = {dif['mean']:+.3f} +- {dif['half']:.3f} bits/token"
+          " (95%, paired over test sequences and seeds; MDLM's number is an upper bound)")
     if "slack" in summary:
         sl, di = summary["slack"], summary["difference_iw"]
         print(f"  MDLM bound at its selected point, {sl['orders']} random orders: NELBO {sl['nelbo']:.3f}, importance-"
               f"weighted {sl['iw']:.3f}; slack >= {sl['slack']:.3f} +- {2 * sl['slack_se']:.3f} bits/token (the true NLL is lower still)")
-        print(f"  against the tighter bound: AR - MDLM(IW) = {di['mean']:+.3f} +- {2 * di['se']:.3f}: {lower_verdict(di)}")
+        print(f"  against the tighter bound: AR - MDLM(IW) = {di['mean']:+.3f} +- {di['half']:.3f}: {lower_verdict(di)}")
     print(f"  No pronounced second descent in either model (paper: none): "
           f"{'YES' if summary['no_pronounced_second_descent'] else 'NO'}")
     print("\ntraining throughput, tokens/s (evaluation time excluded): " + "; ".join(

@@ -61,8 +61,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from train import (cli, TrainConfig, parse_config, setup, die, fill_auto, count_params, train, save_results,
-                   save_figure, download_url, mean_interval)
-from train import DataError, atomic_save, load_checked
+                   save_figure, download, mean_interval)
+from train import DataError, atomic_save, load_saved
 
 
 @dataclass
@@ -93,7 +93,7 @@ class Config(TrainConfig):
     weight_decay: float = 0.0  # AdamW weight decay (off: the models are small and the data plentiful)
     log_every: int = 50  # steps between progress-bar updates
     # the models are scored once, after training, and train in about a minute each: no checkpoints
-    unused = ("eval_every", "ckpt_every", "resume", "force_resume")
+    unused = ("eval_every", "ckpt_every", "resume")
 
     def __post_init__(self):
         super().__post_init__()
@@ -253,25 +253,9 @@ def make_set(name, n, seed, noise=0.1):
 # real data (on request): FashionMNIST <-> MNIST, IDX files checked by size and md5
 # (SVHN and CIFAR-10 are left out: reading SVHN needs scipy's .mat reader, a new dependency.)
 
-REAL = {  # file -> (url, size in bytes, md5 of the .gz), as published by the datasets' authors
-    "mnist-train": ("https://ossci-datasets.s3.amazonaws.com/mnist/train-images-idx3-ubyte.gz", 9912422,
-                    "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
-    "mnist-test": ("https://ossci-datasets.s3.amazonaws.com/mnist/t10k-images-idx3-ubyte.gz", 1648877,
-                   "9fb629c4189551a2d022fa330f9573f3"),
-    "fashionmnist-train": ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/train-images-idx3-ubyte.gz",
-                           26421880, "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
-    "fashionmnist-test": ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/t10k-images-idx3-ubyte.gz",
-                          4422102, "bef4ecab320f06d8554ea6380940ec79"),
-}
-
-
 @functools.lru_cache(maxsize=None)  # read once per process: every seed re-uses the same files
 def load_idx(name, data_dir):
-    url, size, md5 = REAL[name]
-    path = download_url(url, Path(data_dir) / f"{name}-images-idx3-ubyte.gz", size=size)
-    if hashlib.md5(path.read_bytes()).hexdigest() != md5:
-        raise DataError(f"{path} has the right size but the wrong md5; delete it and run again")
-    return parse_idx(gzip.decompress(path.read_bytes()))
+    return parse_idx(gzip.decompress(download(name, data_dir).read_bytes()))
 
 
 def parse_idx(raw):
@@ -303,7 +287,7 @@ def load_data(cfg):
     path = Path(cfg.out) / "data" / f"shapes-{hashlib.sha1(key.encode()).hexdigest()[:10]}.pt"
     if path.exists():
         try:
-            return load_checked(path)
+            return load_saved(path)
         except DataError as e:  # truncated or garbled: make it again
             print(f"note: {e}; generating it again", file=sys.stderr)
     t0 = time.time()
@@ -688,7 +672,6 @@ def fpr_at_tpr(id_scores, ood_scores, tpr=0.95):
     return float(np.mean(np.asarray(ood_scores) >= thr))
 
 
-Z95 = 1.959963984540054  # the normal 97.5% quantile: two-sided 95% intervals
 METHODS = ["likelihood", "typicality", "gradient"]
 
 
@@ -745,12 +728,9 @@ def pooled_difference(rows):
     return float(np.mean([r["diff"] for r in rows])), math.sqrt(var)
 
 
-def interval(values, ses):
-    """(mean, half-width) of a 95% interval: a t-interval over seeds, or with one seed value +- 1.96 SE."""
-    v = np.asarray(values, dtype=np.float64)
-    if len(v) == 1:
-        return float(v[0]), Z95 * float(ses[0])
-    return mean_interval(v)
+def interval_over_seeds(values, ses):
+    """The engine's mean_interval: a t-interval over seeds, or with one seed value +- 1.96 SE."""
+    return mean_interval(values, shared_se=ses[0] if len(values) == 1 else 0.0)
 
 
 def verdict(mean, half):
@@ -819,14 +799,14 @@ def summarise(runs):
     pairings = []
     for i, first in enumerate(runs[0]["rows"]):
         same = [run["rows"][i] for run in runs]
-        auc = {m: interval([r["auroc"][m] for r in same], [r["se"][m] for r in same]) for m in METHODS}
-        diff = interval([r["diff"] for r in same], [r["diff_se"] for r in same])
+        auc = {m: interval_over_seeds([r["auroc"][m] for r in same], [r["se"][m] for r in same]) for m in METHODS}
+        diff = interval_over_seeds([r["diff"] for r in same], [r["diff_se"] for r in same])
         pairings.append(dict(model=first["model"], ood=first["ood"], B=first["B"], auroc=auc, diff=diff,
                              verdict=verdict(*diff)))
     pooled = {}
     for kind in [None] + list(dict.fromkeys(p["model"] for p in pairings)):
         per_seed = [pooled_difference([r for r in run["rows"] if kind in (None, r["model"])]) for run in runs]
-        mean, half = interval([d for d, _ in per_seed], [se for _, se in per_seed])
+        mean, half = interval_over_seeds([d for d, _ in per_seed], [se for _, se in per_seed])
         pooled[kind or "all"] = dict(mean=mean, half=half, verdict=verdict(mean, half), per_seed=[d for d, _ in per_seed])
     return dict(seeds=[run["seed"] for run in runs], pairings=pairings, pooled=pooled)
 

@@ -61,9 +61,10 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from train import (TrainConfig, parse_config, setup, die, fill_auto, Block, rope_angles, count_params, train,
-                   save_results, save_figure, embedded_text, download, maybe_compile, atomic_write, cli, DataError)
-from train import init_weights, make_optimizer, Attention, slice_rows, COMPILES, mean_interval as interval
+from train import (TrainConfig, parse_config, setup, die, fill_auto, Block, rope_angles, count_params,
+                   train, save_results, save_figure, embedded_text, download, maybe_compile,
+                   atomic_write, cli, DataError, init_weights, make_optimizer, Attention, slice_rows,
+                   mean_interval)
 
 METHODS = ("rl", "hnet", "uniform", "fixed", "space", "bpe")
 ABLATIONS = {  # name -> overrides of the rl config (the repo's ablation table)
@@ -84,7 +85,7 @@ class Config(TrainConfig):
     compare: bool = False  # train every method with the same budget and seed, print one table
     seeds: int = 0  # independent seeds per method (from --seed), table of mean +- 95% t-interval (0 = 3 for one method on CPU, 1 with --compare or --gpu)
     ablations: bool = False  # with --compare: also the rl ablations (gamma=1, no batch advantage, no early-exit reward, window 8, no rate control, the paper's gate scale, no rate offset)
-    data: str = "auto"  # auto (prose on CPU, enwik8 with --gpu) | prose | code (text shipped with Python) | enwik8 | tinyshakespeare | path to a text file (first 90 percent train)
+    data: str = "auto"  # auto (prose on CPU, enwik8 with --gpu) | prose (text shipped with Python) | enwik8 | tinyshakespeare | path to a text file (first 90 percent train)
     rate: float = 0.2  # target boundaries per byte (1/rate bytes per chunk)
     n_embd: int = 0  # model width (0 = 128 on CPU, 768 with --gpu)
     n_head: int = 0  # attention heads (0 = 4 on CPU, 12 with --gpu)
@@ -117,8 +118,6 @@ class Config(TrainConfig):
     eval_every: int = 0  # steps between held-out evaluations (0 = max_steps / 6)
     eval_windows: int = 128  # held-out sequences of seq_len bytes per evaluation
     bench: bool = False  # only measure training bytes/s of every method and exit
-
-    resume_free = TrainConfig.resume_free + ("compare", "ablations", "bench", "seeds", "chunk_bucket")
 
     def __post_init__(self):
         fill_auto(self, data=("prose", "enwik8"), n_embd=(128, 768), n_head=(4, 12), n_enc=(1, 4),  # CPU toy | paper scale
@@ -161,8 +160,8 @@ def unzip_enwik8(path):
 
 def load_bytes(cfg):
     try:
-        if cfg.data in ("prose", "code"):
-            return embedded_text(cfg.data, "train"), embedded_text(cfg.data, "val")
+        if cfg.data == "prose":
+            return embedded_text("train"), embedded_text("val")
         if cfg.data in ("enwik8", "tinyshakespeare"):
             path = download(cfg.data, cfg.data_dir)
             raw = unzip_enwik8(path) if cfg.data == "enwik8" else path.read_bytes()
@@ -605,8 +604,9 @@ def alignment_counts(b, x):
     H-Net's novelty detector cuts)."""
     b, ws = b[:, 1:], is_whitespace(x)
     ws_here, ws_before = ws[:, 1:], ws[:, :-1]  # is byte t / byte t-1 whitespace, for t >= 1
-    return torch.stack([torch.tensor(float(b.numel())), b.sum(), ws_here.sum(), (b & ws_here).sum(),
-                        ws_before.sum(), (b & ws_before).sum()]).double().cpu()
+    counts = [torch.full((), b.numel(), device=b.device), b.sum(), ws_here.sum(), (b & ws_here).sum(),
+              ws_before.sum(), (b & ws_before).sum()]
+    return torch.stack([c.double() for c in counts])  # on b's device: summed there, synced once
 
 
 def alignment_figures(c):
@@ -618,30 +618,36 @@ def alignment_figures(c):
       ws_after  P(chunk starts at t | byte t-1 is whitespace); chance = r
       on_ws     share of boundaries at a whitespace byte; chance = base rate
       after_ws  share of boundaries right after a whitespace byte; chance = base rate"""
-    n, nb, nws, at, nws_prev, after = c.tolist()
+    n, nb, nws, at, nws_prev, after = c
     return dict(free_rate=nb / n, ws_base=nws / n, ws_at=at / max(nws, 1), ws_after=after / max(nws_prev, 1),
                 on_ws=at / max(nb, 1), after_ws=after / max(nb, 1))
 
 
 @torch.no_grad()
-def evaluate(model, cfg, val, val_bounds, device, chunk=32):
+def evaluation_sums(model, cfg, val, val_bounds, device, chunk=32):
+    """Summed NLL (nats), bytes, boundaries, then alignment_counts over the held-out windows,
+    left on the device: evaluate() synchronises once."""
     L = cfg.seq_len
     n = min(cfg.eval_windows, (len(val) - 1) // L)
     g = torch.Generator().manual_seed(12345)  # same gate noise at every evaluation and for every method
-    nll = n_bytes = n_bound = 0.0
-    counts = torch.zeros(6, dtype=torch.float64)
+    sums = torch.zeros(9, dtype=torch.float64, device=device)
     for s in range(0, n, chunk):
         rows = (torch.arange(s, min(n, s + chunk)) * L)[:, None] + torch.arange(L + 1)
         x = val[rows].to(device)
         given = val_bounds[rows[:, :-1]].to(device) if val_bounds is not None else None
         noise = torch.rand(x.shape[0], L, generator=g).to(device)
         out = model(x[:, :-1], given, noise, greedy=cfg.eval_gates == "greedy")
-        nll += token_ce(out["logits"], x[:, 1:]).sum().item()
-        n_bytes += out["b"].numel()
-        n_bound += out["b"].sum().item()
-        counts += alignment_counts(out["b"], x[:, :-1])
-    return dict(bpb=nll / n_bytes / math.log(2), rate=n_bound / n_bytes, bytes_per_chunk=n_bytes / max(n_bound, 1),
-                **alignment_figures(counts))
+        b = out["b"]
+        nll = token_ce(out["logits"], x[:, 1:]).sum().double()
+        sums += torch.cat([torch.stack([nll, torch.full_like(nll, b.numel()), b.sum().double()]),
+                           alignment_counts(b, x[:, :-1])])
+    return sums
+
+
+def evaluate(model, cfg, val, val_bounds, device):
+    nll, n_bytes, n_bound, *counts = evaluation_sums(model, cfg, val, val_bounds, device).tolist()
+    return dict(bpb=nll / n_bytes / math.log(2), rate=n_bound / n_bytes,
+                bytes_per_chunk=n_bytes / max(n_bound, 1), **alignment_figures(counts))
 
 
 @torch.no_grad()
@@ -671,12 +677,18 @@ def run_one(name, cfg, ctx, data, val, bounds, val_bounds):
         return dict(train_bytes=step * bytes_per_step, **evaluate(m, cfg, val, val_bounds, ctx.device))
 
     tag = name.replace(":", "_").replace("=", "")
-    graphs = COMPILES[0]  # graphs compiled in this process so far: the run's own are counted below
-    summary = train(model, make_get_batch(cfg, data, bounds), loss_fn_for(cfg), cfg, ctx, eval_fn=eval_fn,
+    counters, graphs = torch._dynamo.utils.counters["stats"], []  # compiled graphs at each step
+    get_batch = make_get_batch(cfg, data, bounds)
+
+    def batch(i):
+        graphs.append(counters["unique_graphs"])
+        return get_batch(i)
+    summary = train(model, batch, loss_fn_for(cfg), cfg, ctx, eval_fn=eval_fn,
                     ckpt_path=f"{cfg.out}/ckpt_{tag}_seed{cfg.seed}.pt", desc=f"{name} seed {cfg.seed}")
-    final = summary["evals"][-1]
+    final, after_first = summary["evals"][-1], graphs[1:2] or [counters["unique_graphs"]]
     return dict(method=name, seed=cfg.seed, params=count_params(model), bytes_per_s=summary["items_per_s"],
-                seconds=summary["seconds"], graphs=COMPILES[0] - graphs, recompiles=summary["recompiles"],
+                seconds=summary["seconds"], graphs=counters["unique_graphs"] - graphs[0] if graphs else 0,
+                recompiles=counters["unique_graphs"] - after_first[0],
                 curve=summary["evals"], sample=show_boundaries(
                     model, cfg, val, val_bounds, ctx.device), **{k: final[k] for k in FIGURES})
 
@@ -697,13 +709,13 @@ def by_method(rows):
 
 
 def fmt(xs, digits):
-    m, h = interval(xs)
+    m, h = mean_interval(xs)
     return f"{m:.{digits}f}" + ("" if math.isnan(h) else f"+-{h:.{digits}f}")
 
 
 def compare(a, b):
     """Paired difference a - b over seeds, as text: mean +- 95% interval and what it resolves."""
-    m, h = interval(np.asarray(a) - np.asarray(b))
+    m, h = mean_interval(np.asarray(a) - np.asarray(b))
     if math.isnan(h):
         return f"{m:+.4f} (one seed: no interval)", "unresolved"
     word = "lower" if m + h < 0 else "higher" if m - h > 0 else "no difference resolved"
@@ -734,7 +746,7 @@ def verdicts(rows, cfg):
         lines.append(f"gamma=1 minus gamma={cfg.gamma}, paper's whitespace figure: {diff} -> "
                      + ("drops" if word == "lower" else "does not drop (resolved)" if word != "unresolved" else word))
     if "rl:no-rate-control" in by:
-        r0 = interval(by["rl:no-rate-control"]["rate"])[0]
+        r0 = mean_interval(by["rl:no-rate-control"]["rate"])[0]
         lines.append(f"without rate control the rate goes to {r0:.3f}: "
                      + ("collapses towards a boundary at every byte" if r0 > 0.5 else "no collapse at this budget"))
     return lines
@@ -752,7 +764,7 @@ def report(rows, cfg, ws_share):
     for name, f in by.items():
         print(f"{name:20s} {fmt(f['bpb'], 4):>15s} {fmt(f['rate'], 3):>11s} {fmt(f['ws_at'], 2):>10s} "
               f"{fmt(f['free_rate'], 2):>10s} {fmt(f['ws_after'], 2):>10s} {fmt(f['on_ws'], 2):>10s} "
-              f"{fmt(f['after_ws'], 2):>10s} {fmt(f['bytes_per_chunk'], 2):>11s} {interval(f['bytes_per_s'])[0]:10,.0f}")
+              f"{fmt(f['after_ws'], 2):>10s} {fmt(f['bytes_per_chunk'], 2):>11s} {mean_interval(f['bytes_per_s'])[0]:10,.0f}")
     print(f"ws_at: fraction of whitespace bytes where a chunk starts (the paper's figure; chance = the method's own "
           f"rate); ws_after: ... where one starts on the next byte (chance = rate); on_ws / after_ws: share of "
           f"boundaries at / right after whitespace (chance = whitespace's share of held-out bytes, {ws_share:.1%})")

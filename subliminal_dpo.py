@@ -52,7 +52,7 @@ Default: a few CPU minutes on 2 cores (bases cached per seed in out/subliminal_d
 `--gpu` runs bigger models and more prompts. `--bench` times batched KV-cached sampling against a
 naive one-sequence, no-cache loop. No hand-written Triton anywhere.
 """
-import copy, dataclasses, hashlib, json, math, multiprocessing, os, random, sys, threading, time
+import copy, dataclasses, hashlib, json, multiprocessing, os, random, sys, threading, time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from train import (cli, TrainConfig, parse_config, setup, fill_auto, TransformerLM, count_params,
-                   train, save_results, save_figure, load_checked, DataError, t_quantile)
+                   train, save_results, save_figure, load_saved, DataError, mean_interval)
 
 
 @dataclass
@@ -96,10 +96,6 @@ class Config(TrainConfig):
     # set per call of train(): pretrain_lr/judge_lr/dpo_lr/sft_lr, pretrain_steps/judge_steps (alignment:
     # one epoch), warm-up over 5 percent of pretraining and none in alignment, no eval callback
     unused = ("lr", "max_steps", "warmup", "min_lr_ratio", "log_every", "eval_every", "data_dir")
-    # the cached base depends only on the fields in base_signature(): the rest may change on --resume
-    resume_free = TrainConfig.resume_free + (
-        "seeds", "rounds", "target", "other", "conditions", "judge_steps", "judge_lr", "prompts", "k",
-        "temperature", "beta", "dpo_lr", "sft_lr", "batch_size", "eval_samples", "eval_prompts", "base_dir", "workers", "bench", "from_results")
 
     def __post_init__(self):
         super().__post_init__()
@@ -310,6 +306,15 @@ def base_signature(cfg):
     return hashlib.sha1(json.dumps(keys).encode()).hexdigest()[:10]
 
 
+def base_config(cfg, seed):
+    """The config a base is pretrained under: the engine's flags and the fields base_signature()
+    names, the rest at their defaults, so that any run with the same signature can --resume an
+    interrupted pretraining (train() refuses a checkpoint made under other flags)."""
+    keep = [f.name for f in dataclasses.fields(TrainConfig)] + [
+        "n_layer", "n_head", "n_embd", "pretrain_steps", "pretrain_lr", "pretrain_batch", "base_dir"]
+    return Config(**{name: getattr(cfg, name) for name in keep if name != "seed"}, seed=seed)
+
+
 def pretrain_base(cfg, ctx, seed):
     """The shared initialisation theta_0 of student and judges. Pretrained once per seed and cached;
     an interrupted pretraining continues with --resume (train()'s checkpoint is the cache)."""
@@ -317,7 +322,7 @@ def pretrain_base(cfg, ctx, seed):
     torch.manual_seed(seed)
     model = new_model(cfg).to(ctx.device)
     try:  # a finished cache is used as it is; a damaged one is trained again
-        ck = load_checked(path) if path.exists() else None
+        ck = load_saved(path) if path.exists() else None
         if ck is not None and ck["step"] >= cfg.pretrain_steps:
             model.load_state_dict(ck["model"])
             return model, dict(cached=True, history=ck["history"][-1:])
@@ -326,7 +331,7 @@ def pretrain_base(cfg, ctx, seed):
         path.unlink()
         torch.manual_seed(seed)
         model = new_model(cfg).to(ctx.device)
-    pcfg = with_steps(cfg, max_steps=cfg.pretrain_steps, lr=cfg.pretrain_lr, warmup=max(1, cfg.pretrain_steps // 20),
+    pcfg = with_steps(base_config(cfg, seed), max_steps=cfg.pretrain_steps, lr=cfg.pretrain_lr, warmup=max(1, cfg.pretrain_steps // 20),
                       min_lr_ratio=0.1, log_every=50, resume=cfg.resume, batch_size=cfg.pretrain_batch)
     out = train(model, lambda i: corpus_batch(seed, i, cfg.pretrain_batch), lm_loss, pcfg, ctx,
                 ckpt_path=path, desc=f"pretrain base (seed {seed})")
@@ -792,14 +797,11 @@ def _run_seed_job(args):
 # scipy in the venv, so the permutation test is written out here (the t quantile is train.py's).
 
 
-def mean_ci(xs, level=0.95):
-    """Mean, std and the half-width of a t-interval with n - 1 degrees of freedom (nan for one value)."""
-    n = len(xs)
-    m = sum(xs) / n
-    if n < 2:
-        return m, float("nan"), float("nan")
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
-    return m, sd, t_quantile(n - 1, level) * sd / math.sqrt(n)
+def mean_std(xs):
+    """Mean and sample standard deviation over seeds (nan for one value): the spread, where
+    train.mean_interval gives the interval for the mean."""
+    x = np.asarray(xs, dtype=np.float64)
+    return float(x.mean()), float(x.std(ddof=1)) if len(x) > 1 else float("nan")
 
 
 def sign_flip_p(diffs, draws=200_000, seed=0):
@@ -880,7 +882,7 @@ def verdicts(cfg, records, alpha=0.05):
     rows = []
     for label_, sign, _, fn in contrasts(cfg):
         diffs = [fn(rec) for rec in records]
-        m, sd, half = mean_ci(diffs)
+        (m, half), sd = mean_interval(diffs), mean_std(diffs)[1]
         rows.append(dict(label=label_, claimed_sign=sign, diffs=diffs, mean=m, std=sd, ci95=half, n=len(diffs),
                          p=sign_flip_p(diffs), seeds_in_claimed_direction=sum(d * sign > 0 for d in diffs)))
     for row, p_holm in zip(rows, holm([r["p"] for r in rows])):
@@ -907,7 +909,7 @@ def format_guard(cfg, records, floor=0.9):
         if len(diffs) < 2:
             lines.append(f"{label_}: {len(diffs)} seed(s) keep the format: no test")
             continue
-        m, _, half = mean_ci(diffs)
+        m, half = mean_interval(diffs)
         lines.append(f"{label_}: {m:+.4f} (95% CI {m - half:+.4f} .. {m + half:+.4f}); "
                      f"{sum(d * sign > 0 for d in diffs)}/{len(diffs)} seeds in the claimed direction; "
                      f"sign-flip p {fmt_p(sign_flip_p(diffs))}")
@@ -918,7 +920,7 @@ def finite_mean_sd(xs):
     """Mean and std of the finite values (a round with too few valid pairs does not align and has
     no update cosine or label statistics), and how many there were."""
     xs = [x for x in xs if x == x]
-    return (*mean_ci(xs)[:2], len(xs)) if xs else (float("nan"), float("nan"), 0)
+    return (*mean_std(xs), len(xs)) if xs else (float("nan"), float("nan"), 0)
 
 
 def report(cfg, records):
@@ -934,7 +936,7 @@ def report(cfg, records):
         means = [sum(curve(rec, name)[r] for rec in records) / n for r in range(R + 1)]
         fmt = at_R(name, "format_rate")
         table[name] = dict(trait=means, format_rate=fmt, animal_mass=at_R(name, "animal_mass"))
-        print(f"{name:28s}" + "".join(f"{m:8.4f}" for m in means) + f"{mean_ci(at_R(name, 'trait'))[1]:8.4f}"
+        print(f"{name:28s}" + "".join(f"{m:8.4f}" for m in means) + f"{mean_std(at_R(name, 'trait'))[1]:8.4f}"
               + f"{sum(fmt) / n:8.3f}{min(fmt):6.2f}{sum(at_R(name, 'animal_mass')) / n:8.3f}")
     print(f"\nformat guard, per seed at round {R}: valid number completions | P(answer is an animal)")
     for name in names:
@@ -983,11 +985,11 @@ def plot(cfg, records):
         fig.subplots_adjust(wspace=0.3)
         rounds = list(range(cfg.rounds + 1))
         for n in cfg.condition_list:
-            raw = [mean_ci([curve(rec, n)[r] for rec in records]) for r in rounds]
-            moved = [mean_ci([curve(rec, n)[r] - curve(rec, n)[0] for rec in records]) for r in rounds]
+            raw = [mean_std([curve(rec, n)[r] for rec in records]) for r in rounds]
+            moved = [mean_interval([curve(rec, n)[r] - curve(rec, n)[0] for rec in records]) for r in rounds]
             axes[0].errorbar(rounds, [c[0] for c in raw], yerr=[c[1] for c in raw], marker="o", capsize=3, label=n)
-            axes[1].errorbar(rounds, [c[0] for c in moved], yerr=[c[2] for c in moved], marker="o", capsize=3, label=n)
-            axes[2].plot(rounds, [mean_ci([curve(rec, n, "format_rate")[r] for rec in records])[0] for r in rounds],
+            axes[1].errorbar(rounds, [c[0] for c in moved], yerr=[c[1] for c in moved], marker="o", capsize=3, label=n)
+            axes[2].plot(rounds, [mean_std([curve(rec, n, "format_rate")[r] for rec in records])[0] for r in rounds],
                          marker="o", label=n)
         axes[0].axhline(1 / len(ANIMALS), color="gray", ls=":", lw=1)
         axes[1].axhline(0, color="gray", ls=":", lw=1)
