@@ -550,7 +550,7 @@ def test_train_bench_times_a_nanogpt_style_reference_with_its_own_loss(tmp_path,
         "        super().__init__(c.vocab_size, c.n_layer, c.n_head, c.n_embd)\n"
         "    def forward(self, idx, targets=None):\n        logits = super().forward(idx)\n"
         "        if targets is None:\n            return logits[:, -1:], None\n"
-        "        return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten())\n")
+        "        return logits, F.cross_entropy(logits.flatten(0, 1), targets.view(-1))\n")
     argv = ["--bench", "--size=tiny", "--rounds=2", "--max_steps=1", f"--reference={tmp_path}/model.py"]
     train.bench(parse_config(train.BenchConfig, "train", argv))
     out = capsys.readouterr().out

@@ -588,14 +588,15 @@ def bench(cfg):
     ctx, size = setup(cfg), cfg.size if cfg.size != "auto" else "gpt2" if cfg.gpu else "small"
     L, H, C, T, V, B = dict(tiny=(1, 2, 16, 16, 65, 2), small=(6, 6, 384, 256, 65, 12),
                             gpt2=(12, 12, 768, 1024, 50304, 16))[size]
-    x = torch.randint(0, V, (cfg.batch_size or B, T + 1), device=ctx.device)
+    data = torch.randint(0, V, (cfg.batch_size or B, T + 1), device=ctx.device)
+    x, y = data[:, :-1], data[:, 1:].contiguous()
     models = {"train.py": (TransformerLM(V, L, H, C), lambda m: F.cross_entropy(
-        m(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()))}
+        m(x).flatten(0, 1), y.flatten()))}
     if cfg.reference:  # nanoGPT's GPT, bias off and dropout 0 as ours
         spec = importlib.util.spec_from_file_location("nanogpt", cfg.reference)
         spec.loader.exec_module(nanogpt := importlib.util.module_from_spec(spec))
         config = nanogpt.GPTConfig(T, V, L, H, C, dropout=0.0, bias=False)
-        models["nanoGPT"] = (nanogpt.GPT(config), lambda m: m(x[:, :-1], x[:, 1:])[1])
+        models["nanoGPT"] = (nanogpt.GPT(config), lambda m: m(x, y)[1])
     print(f"bench {size}: {L}L/{H}H/{C}, T={T}, vocab={V}, batch={len(x)} on {device_name(ctx)}")
     steps = {name: functools.partial(bench_step, maybe_compile(model, cfg), loss_of, ctx,
                                      make_optimizer(model.to(ctx.device), cfg, ctx))
@@ -606,7 +607,7 @@ def bench(cfg):
             t0 = time.perf_counter()
             for _ in range(cfg.max_steps):
                 steps[name]()
-            speed[name] += [x[:, 1:].numel() * cfg.max_steps / (time.perf_counter() - t0)] * (r > 0)
+            speed[name] += [y.numel() * cfg.max_steps / (time.perf_counter() - t0)] * (r > 0)
     peak = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s, data sheets
     peak = next((v for k, v in peak.items() if ctx.gpu and k in device_name(ctx)), None)
     for name, (model, _) in models.items():
