@@ -359,7 +359,7 @@ def test_train_nan_stops_in_one_line_and_keeps_the_last_good_checkpoint(tmp_path
     with pytest.raises(SystemExit) as e:
         train.train(model, batches, loss, cfg, ctx)
     err = capsys.readouterr().err
-    assert e.value.code == 1 and "nan or inf at step 4" in err and "last good checkpoint" in err
+    assert e.value.code == 1 and "nan or inf by step 4" in err and "last good checkpoint" in err
     saved = train.load_saved(tmp_path / "ckpt.pt")  # checked at step 4 (a save step): not saved
     assert saved["step"] == 2 and all(torch.isfinite(v).all() for v in saved["model"].values())
 
@@ -529,15 +529,15 @@ def test_train_downloads_are_checked_and_nothing_bad_is_kept(tmp_path, monkeypat
     data = tmp_path / "data"
     for name, url, digest, problem in [("bad", src.as_uri(), "sha256:" + "0" * 64, "sha256 is not"),
                                        ("gone", (tmp_path / "no.txt").as_uri(), good, "by hand")]:
-        monkeypatch.setitem(train.DATASETS, name, (url, f"{name}.txt", digest))
+        monkeypatch.setitem(train.DATASETS, name, (url, digest))
         with pytest.raises(train.DataError, match=problem):
             train.download(name, data)
         assert not data.exists() or list(data.iterdir()) == []  # no partial or bad file
-    monkeypatch.setitem(train.DATASETS, "good", (src.as_uri(), "good.txt", good))
+    monkeypatch.setitem(train.DATASETS, "good", (src.as_uri(), good))
     assert train.download("good", data).read_bytes() == src.read_bytes()
     src.unlink()  # cached: a second call does not fetch again
     assert train.download("good", data) == data / "good.txt"
-    assert all(len(digest.split(":")[1]) in (32, 64) for _, _, digest in train.DATASETS.values())
+    assert all(len(digest.split(":")[1]) in (32, 64) for _, digest in train.DATASETS.values())
 
 
 def test_train_bench_times_a_nanogpt_style_reference_with_its_own_loss(tmp_path, capsys):
@@ -1430,9 +1430,8 @@ def test_fisher_real_data_run_end_to_end_on_generated_idx_files(tmp_path, monkey
         imgs = fo.make_set("test" if name.startswith("fashion") else "strokes", n, 7)
         raw = gzip.compress(b"".join(v.to_bytes(4, "big") for v in (0x803, n, 28, 28)) + imgs.numpy().tobytes())
         (tmp_path / "data").mkdir(exist_ok=True)
-        (tmp_path / "data" / f"{name}-images-idx3-ubyte.gz").write_bytes(raw)
-        stand_in = ("http://127.0.0.1:9/never-fetched", f"{name}-images-idx3-ubyte.gz",
-                    "md5:" + hashlib.md5(raw).hexdigest())
+        (tmp_path / "data" / f"{name}.gz").write_bytes(raw)
+        stand_in = ("http://127.0.0.1:9/never-fetched.gz", "md5:" + hashlib.md5(raw).hexdigest())
         monkeypatch.setitem(train.DATASETS, name, stand_in)  # the pinned digests are the real files'
     monkeypatch.setattr(fo, "save_figure", lambda path, draw: None)  # drawing is 90% of this tiny run's time
     fo.load_idx.cache_clear()

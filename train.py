@@ -11,8 +11,8 @@ train() cuts each batch into --grad_accum x processes equal slices, so a step is
 all-reduce. --gpu is the fused CUDA path: bf16 autocast, TF32, fused AdamW, SDPA, torch.compile.
 """
 import argparse, contextlib, dataclasses, functools, hashlib, importlib.util, inspect, json, math
-import multiprocessing as mp, os, random, re, shutil, signal, statistics, sys, threading, time
-import urllib.request, zlib
+import multiprocessing, os, random, re, shutil, signal, statistics, sys, threading, time, zlib
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -54,29 +54,30 @@ class TrainConfig:
         if self.compile_backend not in "auto inductor cudagraphs aot_eager eager none".split():
             raise ValueError(f"unknown --compile_backend={self.compile_backend}")
         if self.seed >= 2**32 or self.beta2 >= 1 or self.grad_accum < 1 or self.log_every < 1:
-            raise ValueError("--seed must be < 2^32, --beta2 < 1, --grad_accum and --log_every >= 1")
+            raise ValueError("--seed must be < 2^32, --beta2 < 1, --grad_accum, --log_every >= 1")
 
 # the flags that may differ between a checkpoint and its --resume: they change nothing computed
 RUN_CONTROL = ("out", "resume", "threads", "log_every", "ckpt_every", "data_dir")
+BOOLEANS = {"true": True, "yes": True, "on": True, "1": True,
+            "false": False, "no": False, "off": False, "0": False}
 
 def parse_bool(text):
-    if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+    if text.lower() not in BOOLEANS:
         raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-    return text.lower() in ("1", "true", "yes", "on")
+    return BOOLEANS[text.lower()]
 
 def parse_config(cls, script, argv=None):
     """argv -> a Config. Bad input (an unknown or abbreviated flag, a wrong type, a negative or
     non-finite number, a failed check, an unusable --out) is one error line and exit 2."""
-    doc = (sys.modules[cls.__module__].__doc__ or "").strip().split("\n\n")[0]
-    parser = argparse.ArgumentParser(f"{script}.py", description=doc, allow_abbrev=False,
+    parser = argparse.ArgumentParser(f"{script}.py", allow_abbrev=False,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.error = lambda message: die(f"{message} (see --help)", 2, f"{script}.py: error: ")
     helps = {}  # a field's help is the `# comment` on its line; a subclass's overrides its parent's
     for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
-        pattern = r"^\s*(\w+)\s*:[^=#\n]+=[^#\n]*#\s*(.+)$"
-        helps.update(re.findall(pattern, inspect.getsource(klass), re.M))
+        source = inspect.getsource(klass)
+        helps.update(re.findall(r"^ +(\w+):[^=#\n]+=[^#\n]*# (.+)$", source, re.M))
     for field in dataclasses.fields(cls):
-        kind = {"bool": parse_bool, "int": int, "float": float, "str": str}[
+        kind = dict(bool=parse_bool, int=int, float=float, str=str)[
             getattr(field.type, "__name__", field.type)]
         bare = dict(nargs="?", const=True) if kind is parse_bool else {}  # `--gpu` is --gpu=true
         if field.name not in cls.unused:
@@ -247,8 +248,8 @@ def init_weights(model, n_layer):
     residual stream's variance does not grow with depth."""
     for name, p in model.named_parameters():
         if p.dim() >= 2:
-            scale = 1 / math.sqrt(2 * n_layer) if name.endswith("proj.weight") else 1.0
-            nn.init.normal_(p, 0.0, 0.02 * scale)
+            residual = name.endswith("proj.weight")
+            nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * n_layer) if residual else 0.02)
 
 class TransformerLM(nn.Module):
     """Token embedding -> blocks -> norm -> untied LM head; positions only through RoPE."""
@@ -309,8 +310,8 @@ def lr_at(step, cfg):
     """Linear warm-up to cfg.lr, then a cosine to cfg.lr * cfg.min_lr_ratio at max_steps."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    progress = min((step - cfg.warmup) / max(1, cfg.max_steps - cfg.warmup), 1.0)
-    cosine = (1 + math.cos(math.pi * progress)) / 2
+    frac = min((step - cfg.warmup) / max(1, cfg.max_steps - cfg.warmup), 1.0)
+    cosine = 0.5 * (1 + math.cos(math.pi * frac))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
 
 def make_optimizer(model, cfg, ctx):
@@ -352,8 +353,7 @@ def one_step(fast, opt, batch, loss_fn, cfg, ctx):
         (loss / cfg.grad_accum).backward()
         total, metrics = total + loss.detach() / cfg.grad_accum, dict(metrics)
         items = items + metrics.pop("items", 0)
-    params = [p for group in opt.param_groups for p in group["params"]]
-    norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf)
+    norm = nn.utils.clip_grad_norm_(fast.parameters(), cfg.grad_clip or math.inf)
     opt.step()
     opt.zero_grad(set_to_none=True)
     return total, norm, metrics, items
@@ -384,14 +384,14 @@ def resume(path, raw, opt, cfg, ctx):
     print(f"resumed from {path} at step {saved['step']}")
     return {k: saved[k] for k in ("step", "history", "evals")}
 
-def log(run, loss, norm, metrics, lr, path):
-    """Append to the history (one device sync). A nan or inf in the loss or gradient ends the
-    run in one line before it is saved, so the last good checkpoint stays."""
+def checked(loss, norm, metrics, step, path):
+    """The step's numbers in one device sync; a nan or inf in the loss or gradient ends the run
+    in one line before anything is saved, so the last good checkpoint stays."""
     numbers = to_host(dict(loss=loss, norm=norm, **metrics))
     if not (math.isfinite(numbers["loss"]) and math.isfinite(numbers.pop("norm"))):
         kept = f"; the last good checkpoint is {path}" if path and path.exists() else ""
-        die(f"the loss or gradient is nan or inf at step {run['step']}{kept}; try a lower --lr")
-    run["history"].append(dict(step=run["step"], loss=numbers.pop("loss"), lr=lr, **numbers))
+        die(f"the loss or gradient is nan or inf by step {step}{kept}; try a lower --lr")
+    return numbers
 
 def evaluate(run, raw, eval_fn, ctx):
     if eval_fn is not None:
@@ -404,7 +404,8 @@ def catch_stop_signals(stop):
     """Ctrl-C or SIGTERM (what schedulers send) appends to `stop`: the loop ends its step, saves
     and exits 130; a second one interrupts at once. Only a program's main process and thread
     take signals (a worker process is stopped by its parent). Returns the old handlers."""
-    if threading.current_thread() is not threading.main_thread() or mp.parent_process():
+    if threading.current_thread() is not threading.main_thread() or \
+            multiprocessing.parent_process():
         return {}
     handler = lambda *frame: stop.append(1) if not stop else signal.default_int_handler(*frame)
     return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -436,10 +437,12 @@ def train(model, get_batch, loss_fn, cfg, ctx, eval_fn=None, ckpt_path=None, des
             loss, norm, metrics, n = one_step(fast, opt, get_batch(run["step"]), loss_fn, cfg, ctx)
             items, run["step"], step = items + n, run["step"] + 1, run["step"] + 1
             bar.update()
-            saves = stop or cfg.ckpt_every and step % cfg.ckpt_every == 0
+            logs = step % cfg.log_every == 0 or step == cfg.max_steps
             evals = cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps
-            if saves or evals or step % cfg.log_every == 0 or step == cfg.max_steps:
-                log(run, loss, norm, metrics, lr, path)
+            saves = stop or cfg.ckpt_every and step % cfg.ckpt_every == 0
+            numbers = checked(loss, norm, metrics, step, path) if logs or evals or saves else {}
+            if logs:
+                run["history"].append(dict(step=step, loss=numbers.pop("loss"), lr=lr, **numbers))
                 bar.set_postfix(loss=f"{run['history'][-1]['loss']:.4f}")
             if evals:
                 evaluate(run, raw, eval_fn, ctx)
@@ -476,7 +479,7 @@ def t_quantile(df, level=0.95):
     for _ in range(60):
         middle = (low + high) / 2
         low, high = (middle, high) if mass(middle) < level else (low, middle)
-    return low
+    return (low + high) / 2
 
 def mean_interval(values, level=0.95, shared_se=0.0):
     """(mean, half-width) of the `level` interval for the mean of independent values, one per
@@ -488,7 +491,10 @@ def mean_interval(values, level=0.95, shared_se=0.0):
     if len(x) < 2:
         z = statistics.NormalDist().inv_cdf(0.5 + level / 2)
         return float(x.mean()), z * shared_se if shared_se else math.nan
-    spread = math.sqrt(x.var(ddof=1) / len(x) + shared_se**2)
+    if shared_se:
+        spread = math.sqrt(x.var(ddof=1) / len(x) + shared_se**2)
+    else:
+        spread = float(x.std(ddof=1)) / math.sqrt(len(x))
     return float(x.mean()), t_quantile(len(x) - 1, level) * spread
 
 def device_name(ctx):
@@ -519,42 +525,38 @@ def save_figure(path, draw):
     finally:
         plt.close(figure)
 
-# ---- data: an offline corpus and a checked downloader
+# ---- data: an offline corpus and checked downloads
 
 def embedded_text(split="train"):
     """The English help topics that ship with Python (pydoc_data, ~460 KB), so default runs need
     no network. A topic is in `val` when the CRC32 of its name is 0 mod 10."""
     import pydoc_data.topics
     topics = sorted(pydoc_data.topics.topics.items())
-    keep = [text for name, text in topics if (zlib.crc32(name.encode()) % 10 == 0) == (split == "val")]
+    keep = [text for name, text in topics
+            if (zlib.crc32(name.encode()) % 10 == 0) == (split == "val")]
     return "\n\n".join(keep).encode("utf-8")
 
 MNIST = "https://ossci-datasets.s3.amazonaws.com/mnist/"
 FASHION = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
-DATASETS = {  # name -> url, file name, digest of a good copy (md5 where that is what is published)
+DATASETS = {  # name -> url, digest of a good copy (md5 where that is what the authors publish)
     "tinyshakespeare": (
         "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
-        "tinyshakespeare.txt",
         "sha256:86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"),
-    "enwik8": ("http://mattmahoney.net/dc/enwik8.zip", "enwik8.zip",
+    "enwik8": ("http://mattmahoney.net/dc/enwik8.zip",
                "sha256:547994d9980ebed1288380d652999f38a14fe291a6247c157c3d33d4932534bc"),
-    "mnist-train": (MNIST + "train-images-idx3-ubyte.gz", "mnist-train-images-idx3-ubyte.gz",
-                    "md5:f68b3c2dcbeaaa9fbdd348bbdeb94873"),
-    "mnist-test": (MNIST + "t10k-images-idx3-ubyte.gz", "mnist-test-images-idx3-ubyte.gz",
-                   "md5:9fb629c4189551a2d022fa330f9573f3"),
+    "mnist-train": (MNIST + "train-images-idx3-ubyte.gz", "md5:f68b3c2dcbeaaa9fbdd348bbdeb94873"),
+    "mnist-test": (MNIST + "t10k-images-idx3-ubyte.gz", "md5:9fb629c4189551a2d022fa330f9573f3"),
     "fashionmnist-train": (FASHION + "train-images-idx3-ubyte.gz",
-                           "fashionmnist-train-images-idx3-ubyte.gz",
                            "md5:8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
     "fashionmnist-test": (FASHION + "t10k-images-idx3-ubyte.gz",
-                          "fashionmnist-test-images-idx3-ubyte.gz",
                           "md5:bef4ecab320f06d8554ea6380940ec79"),
 }
 
 def download(name, data_dir="data"):
-    """A named dataset's file, fetched once into data_dir and checked against its pinned digest:
-    kept whole and good, or not at all."""
-    url, file, digest = DATASETS[name]
-    path, (algorithm, expected) = Path(data_dir) / file, digest.split(":")
+    """A named dataset's file, fetched once into data_dir (as name + the url's suffix) and checked
+    against its pinned digest: kept whole and good, or not at all."""
+    url, digest = DATASETS[name]
+    path, (algorithm, expected) = Path(data_dir) / (name + Path(url).suffix), digest.split(":")
     good = lambda: hashlib.new(algorithm, path.read_bytes()).hexdigest() == expected
     if path.exists() and good():
         return path
@@ -616,7 +618,7 @@ def bench(cfg):
         flops = (6 * weights + 12 * L * C * T) * np.median(speed[name])
         print(f"{name:9s} {np.median(speed[name]):9,.0f} tokens/s (rounds {min(speed[name]):,.0f}"
               f"-{max(speed[name]):,.0f})" + (f", MFU {flops / peak:.1%}" if peak else "")
-              + (f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if ctx.gpu else ""))
+              + (f", {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB peak" if ctx.gpu else ""))
     if len(speed) == 2:
         ratio = [a / b for a, b in zip(*speed.values())]  # per round: both timed moments apart
         print(f"ours / nanoGPT tokens/s: median {np.median(ratio):.3f} over {len(ratio)} rounds "
