@@ -132,6 +132,18 @@ def test_train_config_rejects_bad_values(argv, capsys):
     assert e.value.code == 2 and err.count("\n") == 0 and "error" in err  # one line, no usage
 
 
+def test_train_fill_auto_picks_the_scale_being_run():
+    for gpu, threads in [(False, 1), (True, 8)]:
+        cfg = TrainConfig(gpu=gpu, max_steps=7)
+        train.fill_auto(cfg, threads=(1, 8), max_steps=(100, 1000))
+        assert (cfg.threads, cfg.max_steps) == (threads, 7)  # a value the user gave stays
+
+
+def test_train_to_host_turns_scalars_into_floats_at_once():
+    values = dict(a=torch.tensor(3), b=torch.tensor(0.5, dtype=torch.bfloat16), c=2, d=1.25)
+    assert train.to_host(values) == dict(a=3.0, b=0.5, c=2.0, d=1.25)
+
+
 def test_train_help_text_comes_from_field_comments(capsys):
     with pytest.raises(SystemExit):
         parse_config(ToyConfig, "toy", ["--help"])
