@@ -69,7 +69,7 @@ SUBLIMINAL_TINY = ["--threads=1", "--seeds=1", "--rounds=1", "--n_layer=1", "--n
 SEEDS_STEPS_ROUNDS = ("--seeds", "--pretrain_steps", "--rounds")
 JOBS = {  # name -> (command line, the tests that read its result[, stderr that triggers Ctrl-C])
     "train_bad_flag": (["train.py", "--bench", "--lr=-3"], ["test_train_bad_flag_is_one_line"]),
-    "train_ctrl_c": (["-c", "import train\ndef main():\n    raise KeyboardInterrupt\ntrain.cli(main)"],
+    "train_ctrl_c": (["-c", "import train\ndef main():\n raise KeyboardInterrupt\ntrain.cli(main)"],
                      ["test_train_ctrl_c_outside_the_loop_is_one_line"]),
     "ddp0": (ddp_job(0), ["test_train_two_ranks_equal_one_process",
                           "test_train_two_ranks_equal_one_process_for_every_script"]),
@@ -567,7 +567,8 @@ def test_train_bench_times_a_nanogpt_style_reference_with_its_own_loss(tmp_path,
         "    def forward(self, idx, targets=None):\n        logits = super().forward(idx)\n"
         "        if targets is None:\n            return logits[:, -1:], None\n"
         "        return logits, F.cross_entropy(logits.flatten(0, 1), targets.view(-1))\n")
-    argv = ["--bench", "--size=tiny", "--rounds=2", "--max_steps=1", f"--reference={tmp_path}/model.py"]
+    argv = ["--bench", "--size=tiny", "--rounds=2", "--max_steps=1",
+            f"--reference={tmp_path}/model.py"]
     train.bench(parse_config(train.BenchConfig, "train", argv))
     out = capsys.readouterr().out
     assert "nanoGPT" in out and "ours / nanoGPT tokens/s: median" in out
