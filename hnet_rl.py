@@ -19,8 +19,9 @@ One byte-level autoregressive U-Net is shared by every method; only the boundary
            added to its encoder residual -> decoder byte blocks -> LM head.
   An early-exit head reads the encoder output; LM loss = 0.9 CE_final + 0.1 CE_early.
 Boundary methods (--method), all at the same target rate rho (0.2 boundaries per byte):
-  rl       Bernoulli policy pi(b_t=1) = sigmoid(logit), logit = softcap(s * W x_t [+ previous w-1
-           actions] + logit(rho)). Reward r_t = CE_early,t - CE_final,t, advantage = reward minus its
+  rl       Bernoulli policy pi(b_t=1) = sigmoid(logit),
+           logit = softcap(s * W x_t [+ previous w-1 actions] + logit(rho)).
+           Reward r_t = CE_early,t - CE_final,t, advantage = reward minus its
            batch mean at each position, discounted reward-to-go G_t (gamma 0.99), loss
            -lambda_g mean(G log pi) + rate control lambda_c mean(logit) stopgrad(mean p - rho)
            (--rate_offset=on: also a logit offset nudged by the realised rate each step).
@@ -39,8 +40,9 @@ boundaries at / right after whitespace against whitespace's share of the bytes.
 Deviations (small scale, CPU): Transformer byte blocks stand in for H-Net's Mamba2 layers; LayerNorm
 instead of RMSNorm; H-Net's EMA is an exact O(M^2) closed form instead of the Mamba2 scan; no
 residual projection in H-Net (every method adds the encoder residual directly); the last byte is not
-forced to be a boundary; RL gates are sampled at evaluation too (--eval_gates=greedy to threshold),
-with the soft cap still on; AdamW with weight decay 0.1 and beta2 0.95 on every matrix, the gate's too.
+forced to be a boundary; RL gates are sampled at evaluation too (--eval_gates=greedy to
+threshold), with the soft cap still on; AdamW with weight decay 0.1 and beta2 0.95 on every matrix,
+the gate's too.
 On CPU the rl gate scale is s = 4 instead of 1/16 and a logit offset, nudged each step by the
 realised rate, helps the consistency loss hold the rate (--rate_offset): AdamW moves each weight by
 about lr per step whatever the gradient's size, so s sets how fast the policy can change, and at
@@ -61,10 +63,10 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from train import (TrainConfig, parse_config, setup, die, fill_auto, Block, rope_angles, count_params,
-                   train, save_results, save_figure, embedded_text, download, maybe_compile,
-                   atomic_write, cli, DataError, init_weights, make_optimizer, Attention, slice_rows,
-                   mean_interval)
+from train import (TrainConfig, parse_config, setup, die, fill_auto, Block, rope_angles,
+                   count_params, train, save_results, save_figure, embedded_text, download,
+                   maybe_compile, atomic_write, cli, DataError, init_weights, make_optimizer,
+                   Attention, slice_rows, mean_interval)
 
 METHODS = ("rl", "hnet", "uniform", "fixed", "space", "bpe")
 ABLATIONS = {  # name -> overrides of the rl config (the repo's ablation table)
@@ -83,9 +85,9 @@ WHITESPACE = (9, 10, 13, 32)  # \t \n \r space
 class Config(TrainConfig):
     method: str = "rl"  # boundary method: rl | hnet | uniform | fixed | space | bpe
     compare: bool = False  # train every method with the same budget and seed, print one table
-    seeds: int = 0  # independent seeds per method (from --seed), table of mean +- 95% t-interval (0 = 3 for one method on CPU, 1 with --compare or --gpu)
-    ablations: bool = False  # with --compare: also the rl ablations (gamma=1, no batch advantage, no early-exit reward, window 8, no rate control, the paper's gate scale, no rate offset)
-    data: str = "auto"  # auto (prose on CPU, enwik8 with --gpu) | prose (text shipped with Python) | enwik8 | tinyshakespeare | path to a text file (first 90 percent train)
+    seeds: int = 0  # seeds per method from --seed (0 = 3 on CPU, 1 with --compare or --gpu)
+    ablations: bool = False  # with --compare: also the rl ablations of the authors' table
+    data: str = "auto"  # auto (prose; enwik8 with --gpu) | prose | enwik8 | tinyshakespeare | file
     rate: float = 0.2  # target boundaries per byte (1/rate bytes per chunk)
     n_embd: int = 0  # model width (0 = 128 on CPU, 768 with --gpu)
     n_head: int = 0  # attention heads (0 = 4 on CPU, 12 with --gpu)
@@ -93,41 +95,44 @@ class Config(TrainConfig):
     n_main: int = 0  # main blocks over chunks (0 = 2 on CPU, 12 with --gpu)
     n_dec: int = 0  # decoder byte blocks (0 = 1 on CPU, 4 with --gpu)
     window: int = 64  # sliding attention window of the byte blocks (0 = full causal attention)
-    byte_mlp: int = 0  # MLP width of the byte blocks in multiples of n_embd (0 = 4 on CPU, the authors' 1 with --gpu)
+    byte_mlp: int = 0  # byte blocks' MLP width / n_embd (0 = 4 on CPU, the authors' 1 with --gpu)
     seq_len: int = 0  # bytes per training sequence (0 = 256 on CPU, 4096 with --gpu)
     batch_size: int = 0  # sequences per optimizer step (0 = 16 on CPU, 128 with --gpu)
-    grad_accum: int = 0  # micro-steps per optimizer step (0 = 1 on CPU, 4 with --gpu: 32 rows of 4096 bytes per forward fit an 80 GB GPU)
+    grad_accum: int = 0  # micro-steps per optimizer step (0 = 1 on CPU, 4 with --gpu)
     max_steps: int = 0  # optimizer steps per method (0 = 400 on CPU, 12000 with --gpu)
     lr: float = 0.0  # peak learning rate (0 = 2e-3 on CPU, 1.5e-3 with --gpu)
     warmup: int = 0  # warm-up steps (0 = 30 on CPU, 300 with --gpu)
-    early_weight: float = 0.1  # weight of the early-exit head's cross-entropy (final head gets 1 - this)
+    early_weight: float = 0.1  # weight of the early-exit head's cross-entropy (final: 1 - this)
     gamma: float = 0.99  # rl: discount of the reward-to-go (1 = undiscounted)
     lambda_g: float = 0.01  # rl: weight of the policy-gradient loss
     lambda_c: float = 0.01  # rl: weight of the rate-control (consistency) loss (0 = none)
-    gate_window: int = 1  # rl: the policy reads the previous gate_window - 1 actions (paper 8; 1 = independent gates)
-    rate_offset: str = "auto"  # rl: on = also a non-learned logit offset nudged every step by the realised rate toward --rate; off = the paper's consistency loss alone; auto = on on CPU, off with --gpu
+    gate_window: int = 1  # rl: the policy reads its previous gate_window - 1 actions (paper: 8)
+    rate_offset: str = "auto"  # rl: on = a logit offset steered by the rate (auto: on on CPU)
     rate_offset_lr: float = 0.5  # rl: the offset's step per unit of rate error
-    gate_scale: float = 0.0  # rl: scale s of the gate logits s W x (0 = auto: 4 on CPU, the paper's 1/16 with --gpu)
-    gate_lr: float = 1.0  # rl: the gate's learning rate in multiples of --lr (same starting logits and weight-decay shrink per step)
+    gate_scale: float = 0.0  # rl: scale s of the gate logits (0 = 4 on CPU, 1/16 with --gpu)
+    gate_lr: float = 1.0  # rl: the gate's learning rate in multiples of --lr
     batch_adv: bool = True  # rl: subtract the per-position batch mean from the reward
     early_reward: bool = True  # rl: reward = CE_early - CE_final (false: reward = -CE_final)
-    eval_gates: str = "sampled"  # rl at evaluation: sampled (fixed noise, as the authors) | greedy (logit > 0)
+    eval_gates: str = "sampled"  # rl at evaluation: sampled (fixed noise) | greedy (logit > 0)
     ratio_weight: float = 0.03  # hnet: weight of the ratio loss
     bpe_vocab: int = 4096  # bpe: vocabulary of the BPE whose token starts are the boundaries
-    chunk_bucket: int = 0  # chunk counts are rounded up to a multiple of this, capped at seq_len, so compiled code sees few shapes (0 = auto: 64 when compiling, else 1)
+    chunk_bucket: int = 0  # chunk counts round up to this (0 = 64 when compiling, else 1)
     eval_every: int = 0  # steps between held-out evaluations (0 = max_steps / 6)
     eval_windows: int = 128  # held-out sequences of seq_len bytes per evaluation
     bench: bool = False  # only measure training bytes/s of every method and exit
 
     def __post_init__(self):
-        fill_auto(self, data=("prose", "enwik8"), n_embd=(128, 768), n_head=(4, 12), n_enc=(1, 4),  # CPU toy | paper scale
-                  n_main=(2, 12), n_dec=(1, 4), seq_len=(256, 4096), batch_size=(16, 128), max_steps=(400, 12000),
-                  lr=(2e-3, 1.5e-3), warmup=(30, 300), gate_scale=(4.0, 1 / 16), grad_accum=(1, 4), byte_mlp=(4, 1), rate_offset=("on", "off"))
+        fill_auto(self, data=("prose", "enwik8"), n_embd=(128, 768), n_head=(4, 12),  # CPU | paper
+                  n_enc=(1, 4), n_main=(2, 12), n_dec=(1, 4), seq_len=(256, 4096),
+                  batch_size=(16, 128), max_steps=(400, 12000), lr=(2e-3, 1.5e-3), warmup=(30, 300),
+                  gate_scale=(4.0, 1 / 16), grad_accum=(1, 4), byte_mlp=(4, 1),
+                  rate_offset=("on", "off"))
         self.seeds = self.seeds or (1 if self.gpu or self.compare else 3)
         super().__post_init__()
         self.eval_every = self.eval_every or max(1, self.max_steps // 6)
         if self.method not in METHODS:
-            raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+            raise ValueError(f"--method must be one of {', '.join(METHODS)}, "
+                             f"got {self.method!r}")
         if not 0 < self.rate < 1:
             raise ValueError("--rate must be in (0, 1)")
         if not 0 < self.gamma <= 1:
@@ -155,7 +160,8 @@ def unzip_enwik8(path):
         with zipfile.ZipFile(path) as z:
             return z.read("enwik8")
     except (zipfile.BadZipFile, KeyError) as e:
-        raise DataError(f"{path} is not a good enwik8.zip ({e}); delete it and download again") from None
+        raise DataError(f"{path} is not a good enwik8.zip ({e}); "
+                        "delete it and download again") from None
 
 
 def load_bytes(cfg):
@@ -230,7 +236,8 @@ def bpe_tokenizer(text, vocab_size, cache_dir):
         try:
             ranks = {base64.b64decode(tok, validate=True): int(r) for tok, r in
                      (line.split() for line in path.read_text().splitlines())}
-            if sorted(ranks.values()) != list(range(len(ranks))) or any(ranks.get(bytes([i])) != i for i in range(256)):
+            complete = sorted(ranks.values()) == list(range(len(ranks)))
+            if not complete or any(ranks.get(bytes([i])) != i for i in range(256)):
                 ranks = None
         except ValueError:  # also a truncated line, bad base64 or a non-number rank
             ranks = None
@@ -243,11 +250,12 @@ def bpe_tokenizer(text, vocab_size, cache_dir):
 
 
 def bpe_boundaries(cfg, data, train_bytes):
-    """b[i] = 1 where a BPE token starts in `data`, with a tokenizer trained on the training bytes."""
+    """b[i] = 1 where a BPE token starts in `data`, tokenizer trained on the training bytes."""
     enc = bpe_tokenizer(train_bytes[:2_000_000], cfg.bpe_vocab, f"{cfg.out}/tokenizer")
     ids = enc.encode_ordinary(data.decode("utf-8", errors="replace"))
     lengths = np.array([len(enc.decode_single_token_bytes(t)) for t in ids])
-    text_len = lengths.sum()  # replacement characters may change the byte count: realign by fraction
+    # replacement characters may change the byte count: realign by fraction
+    text_len = lengths.sum()
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) * len(data) // max(text_len, 1)
     b = np.zeros(len(data), dtype=bool)
     b[starts] = True
@@ -276,9 +284,10 @@ def make_get_batch(cfg, data, bounds):
 
 
 def chunk_capacity(L, rate, bucket):
-    """Chunks a row of L bytes holds at `rate` + 4 standard deviations, rounded up to the bucket: the
-    fewest chunks compiled code is given, so that at a held rate it sees one shape (a row above it:
-    ~1 step in 1000 at 32 rows), not a new one whenever the busiest row crosses a bucket edge."""
+    """Chunks a row of L bytes holds at `rate` + 4 standard deviations, rounded up to the bucket:
+    the fewest chunks compiled code is given, so that at a held rate it sees one shape (a row
+    above it: ~1 step in 1000 at 32 rows), not a new one whenever the busiest row crosses a
+    bucket edge."""
     return min(L, -(-int(L * rate + 4 * math.sqrt(L * rate * (1 - rate))) // bucket) * bucket)
 
 
@@ -286,7 +295,8 @@ def chunk_count(b, bucket, floor):
     return min(b.shape[1], max(floor, -(-int(b.sum(1).max()) // bucket) * bucket))
 
 
-@torch.compiler.disable  # data-dependent: the one graph break of the forward; what follows sees only M
+# data-dependent: the one graph break of the forward; what follows sees only M
+@torch.compiler.disable
 def chunk_index(b, bucket=1, floor=0):
     """b (B, L) bool with b[:, 0] = 1 -> idx (B, M): byte positions of the boundaries, in order,
     M = most boundaries in any row (at least `floor`), rounded up to a multiple of `bucket` (capped
@@ -313,17 +323,19 @@ def upsample(z, b):  # z (B, M, C) chunk outputs -> (B, L, C): byte t gets its o
 
 
 def smooth_chunks(z, P):
-    """H-Net's dechunk EMA over the chunk sequence, zbar_j = P_j z_j + (1 - P_j) zbar_{j-1}, in closed
-    form: zbar_j = sum_{i<=j} P_i prod_{i<k<=j} (1 - P_k) z_i. The products are exp of segment sums of
-    log(1 - P), accumulated per segment (not as a difference of two long cumsums, which would lose
-    precision), so there is no Python loop over chunks. z (B, M, C), P (B, M) -> (B, M, C)."""
+    """H-Net's dechunk EMA over the chunk sequence, zbar_j = P_j z_j + (1 - P_j) zbar_{j-1}, in
+    closed form: zbar_j = sum_{i<=j} P_i prod_{i<k<=j} (1 - P_k) z_i. The products are exp of
+    segment sums of log(1 - P), accumulated per segment (not as a difference of two long cumsums,
+    which would lose precision), so there is no Python loop over chunks.
+    z (B, M, C), P (B, M) -> (B, M, C)."""
     M = P.shape[1]
     log_keep = torch.log1p(-P.float())  # (B, M) log(1 - P_k), fp32 as H-Net insists
     below = torch.ones(M, M, dtype=torch.bool, device=P.device).tril(-1)  # k > i
     # seg[b, j, i] = sum_{i < k <= j} log(1 - P_k): cumulate log_keep[k] over rows j, only for k > i
     terms = log_keep[:, :, None].expand(-1, M, M).masked_fill(~below, 0.0)  # [b, k, i]
     seg = terms.cumsum(1)  # [b, j, i]
-    weights = torch.exp(seg.masked_fill(~below.logical_or(torch.eye(M, dtype=torch.bool, device=P.device)), -math.inf))
+    at_or_below = below.logical_or(torch.eye(M, dtype=torch.bool, device=P.device))  # k >= i
+    weights = torch.exp(seg.masked_fill(~at_or_below, -math.inf))
     weights = weights * P.float()[:, None, :]  # (B, M_j, M_i): P_i prod (1 - P_k)
     with torch.autocast(z.device.type, enabled=False):  # autocast would run this matmul in bf16
         return (weights @ z.float()).to(z.dtype)
@@ -349,8 +361,9 @@ def discounted_returns(adv, gamma):
     L = adv.shape[1]
     t = torch.arange(L, device=adv.device, dtype=torch.float64)
     lag = t[:, None] - t[None, :]  # [k, t] = k - t
-    disc = torch.where(lag >= 0, gamma ** lag.clamp(min=0), torch.zeros((), dtype=torch.float64, device=adv.device))
-    return (adv.double() @ disc).to(adv.dtype)
+    zero = torch.zeros((), dtype=torch.float64, device=adv.device)
+    discounts = torch.where(lag >= 0, gamma ** lag.clamp(min=0), zero)
+    return (adv.double() @ discounts).to(adv.dtype)
 
 
 def softcap(x, cap=6.0):
@@ -374,14 +387,19 @@ class LocalAttention(Attention):
         nb = -(-T // W)  # blocks of W queries; the tail is padded and cut off again
         q = F.pad(q, (0, 0, 0, nb * W - T)).unflatten(2, (nb, W))  # (B, nh, nb, W, hs)
         # keys of block n: positions (n-1) W .. (n+1) W - 1, with W zero keys in front of block 0
-        k, v = (F.pad(t, (0, 0, W, nb * W - T)).unfold(2, 2 * W, W).transpose(-1, -2) for t in (k, v))  # (B, nh, nb, 2W, hs)
+        k, v = (F.pad(t, (0, 0, W, nb * W - T)).unfold(2, 2 * W, W).transpose(-1, -2)
+                for t in (k, v))  # (B, nh, nb, 2W, hs)
         r = torch.arange(W, device=x.device)[:, None]  # query offset in its block
-        c = torch.arange(2 * W, device=x.device)[None, :]  # key offset in the block's 2W keys (query's own: r + W)
+        # key offset in the block's 2W keys (the query's own key sits at r + W)
+        c = torch.arange(2 * W, device=x.device)[None, :]
         band = (c > r) & (c <= r + W)  # key t' with t - W < t' <= t
-        first = torch.arange(nb, device=x.device)[:, None, None] > 0  # block 0's first W keys are padding
-        mask = (band & (first | (c >= W)))[None]  # (1, nb, W, 2W): a 4-D mask keeps the fused kernels
-        # 4-D, blocks in the head slot, so the fused (flash / memory-efficient) kernels take it
-        y = F.scaled_dot_product_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), attn_mask=mask)
+        # block 0's first W keys are padding
+        first = torch.arange(nb, device=x.device)[:, None, None] > 0
+        # (1, nb, W, 2W): 4-D, blocks in the head slot, so the fused (flash / memory-efficient)
+        # kernels take it
+        mask = (band & (first | (c >= W)))[None]
+        y = F.scaled_dot_product_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1),
+                                           attn_mask=mask)
         y = y.unflatten(0, (B, self.n_head)).flatten(2, 3)[:, :, :T]  # (B, nh, T, hs)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -402,13 +420,16 @@ class ChunkedByteLM(nn.Module):
         C, H = cfg.n_embd, cfg.n_head
         self.cfg, self.method, self.head_dim = cfg, cfg.method, C // H
         self.wte = nn.Embedding(256, C)
-        self.encoder = nn.ModuleList(byte_block(C, H, cfg.window, cfg.byte_mlp) for _ in range(cfg.n_enc))
-        self.main = nn.ModuleList(Block(C, H) for _ in range(cfg.n_main))  # causal over chunks, full context
-        self.decoder = nn.ModuleList(byte_block(C, H, cfg.window, cfg.byte_mlp) for _ in range(cfg.n_dec))
+        self.encoder = nn.ModuleList(byte_block(C, H, cfg.window, cfg.byte_mlp)
+                                     for _ in range(cfg.n_enc))
+        # causal over chunks, full context
+        self.main = nn.ModuleList(Block(C, H) for _ in range(cfg.n_main))
+        self.decoder = nn.ModuleList(byte_block(C, H, cfg.window, cfg.byte_mlp)
+                                     for _ in range(cfg.n_dec))
         self.norm_enc, self.norm = nn.LayerNorm(C, bias=False), nn.LayerNorm(C, bias=False)
         self.early_head = nn.Linear(C, 256, bias=False)  # early exit: sees only pre-boundary layers
         self.lm_head = nn.Linear(C, 256, bias=False)
-        if self.method == "rl":  # V_t = W x_t in R^w: w-1 weights for previous actions + one bias slot
+        if self.method == "rl":  # V_t = W x_t in R^w: w-1 weights for past actions + a bias slot
             self.gate = nn.Linear(C, cfg.gate_window)  # with a bias, as the authors' gater
             # a non-learned logit offset steered by the realised rate (--rate_offset)
             self.register_buffer("rate_offset", torch.zeros(()))
@@ -429,14 +450,15 @@ class ChunkedByteLM(nn.Module):
 
     # -- boundary modules: each returns b (B, L) bool with b[:, 0] = 1, plus what its loss needs --
     def rl_logits(self, V, actions):
-        """Policy logits from the gate features V = W x (B, L, w) and the actions a (B, L) in {0, 1}:
-        logit_t = softcap(s (V_t[w-1] + sum_j a_{t-(w-1)+j} V_t[j]) + logit(rho))."""
+        """Policy logits from the gate features V = W x (B, L, w) and the actions a (B, L) in
+        {0, 1}: logit_t = softcap(s (V_t[w-1] + sum_j a_{t-(w-1)+j} V_t[j]) + logit(rho))."""
         w, rho = self.cfg.gate_window, self.cfg.rate
         raw = V[..., -1]  # the bias slot: what the policy thinks from the bytes alone
         if w > 1:  # the previous w-1 actions, zero-padded before t = 0: (B, L, w-1)
             prev = F.pad(actions.float(), (w - 1, 0))[:, :-1].unfold(1, w - 1, 1)
             raw = raw + (prev * V[..., :-1]).sum(-1)
-        return softcap(self.cfg.gate_scale * self.cfg.gate_lr * raw + math.log(rho / (1 - rho)) + self.rate_offset)
+        scale = self.cfg.gate_scale * self.cfg.gate_lr
+        return softcap(scale * raw + math.log(rho / (1 - rho)) + self.rate_offset)
 
     @torch.compiler.disable  # a Python loop over bytes: ~20 graph nodes per byte if it were traced
     def sample_sequential(self, V, thresh):
@@ -446,7 +468,8 @@ class ChunkedByteLM(nn.Module):
         a[:, 0] = True  # forced before the loop: later logits read it
         for t in range(1, L):  # logit t reads only actions < t, so filling left to right is exact
             lo = max(0, t - w + 1)  # the last w-1 actions (and t itself, still 0) are all it needs
-            a[:, t] = torch.sigmoid(self.rl_logits(V[:, lo: t + 1], a[:, lo: t + 1])[:, -1]) > u[:, t]
+            logit = self.rl_logits(V[:, lo: t + 1], a[:, lo: t + 1])[:, -1]
+            a[:, t] = torch.sigmoid(logit) > u[:, t]
         return a
 
     def rl_boundaries(self, h, noise, greedy):
@@ -459,13 +482,16 @@ class ChunkedByteLM(nn.Module):
                 a = torch.sigmoid(self.rl_logits(V, None)) > thresh
             else:
                 a = self.sample_sequential(V, thresh)
-            a[:, 0] = True  # forced: the first byte always starts a chunk (no gradient: masked below)
+            a[:, 0] = True  # forced: the first byte starts a chunk (no gradient: masked below)
         logits = self.rl_logits(V, a)  # the policy that sampled a: the offset moves only after this
-        logp = torch.where(a, F.logsigmoid(logits), F.logsigmoid(-logits))  # log pi(a_t), with gradient
-        if self.training and self.cfg.rate_offset == "on":  # integral control: too many boundaries -> lower
+        # log pi(a_t), with gradient
+        logp = torch.where(a, F.logsigmoid(logits), F.logsigmoid(-logits))
+        # integral control: too many boundaries -> a lower offset
+        if self.training and self.cfg.rate_offset == "on":
             with torch.no_grad():
-                self.rate_offset -= self.cfg.rate_offset_lr * (global_mean(a[:, 1:].float()) - self.cfg.rate)
-        # gate_logits, not logits: that key is the LM head's, and the rate control must reach the gate
+                error = global_mean(a[:, 1:].float()) - self.cfg.rate
+                self.rate_offset -= self.cfg.rate_offset_lr * error
+        # gate_logits, not logits: that key is the LM head's; the rate control must reach the gate
         return dict(b=a, gate_logits=logits, p=torch.sigmoid(logits), logp=logp)
 
     def hnet_boundaries(self, h):
@@ -479,7 +505,7 @@ class ChunkedByteLM(nn.Module):
         t = torch.arange(L, device=x.device).expand(B, L)
         if self.method == "fixed":
             b = t % round(1 / self.cfg.rate) == 0
-        elif self.method == "uniform":  # exactly k boundaries: 0 plus the k-1 largest noises elsewhere
+        elif self.method == "uniform":  # exactly k boundaries: 0 and the k-1 largest noises
             k = max(1, round(L * self.cfg.rate))
             b = torch.zeros(B, L, dtype=torch.bool, device=x.device)
             b.scatter_(1, noise[:, 1:].topk(k - 1, dim=1).indices + 1, True)
@@ -490,8 +516,9 @@ class ChunkedByteLM(nn.Module):
         return dict(b=b)
 
     def forward(self, x, given_b=None, noise=None, greedy=False):
-        """x (B, L) bytes -> dict(logits, early_logits (B, L, 256), b (B, L), and the boundary module's
-        p / gate_logits / logp). noise (B, L) uniform: the only randomness (rl, uniform); given_b: bpe."""
+        """x (B, L) bytes -> dict(logits, early_logits (B, L, 256), b (B, L), and the boundary
+        module's p / gate_logits / logp). noise (B, L) uniform: the only randomness (rl,
+        uniform); given_b: bpe's boundaries."""
         B, L = x.shape
         cos, sin = rope_angles(torch.arange(L, device=x.device), self.head_dim)
         h = self.wte(x)  # (B, L, C)
@@ -511,13 +538,15 @@ class ChunkedByteLM(nn.Module):
         else:
             out.update(self.rule_boundaries(x, noise))
         b = out["b"]
-        bucket = self.cfg.chunk_bucket or (64 if torch.compiler.is_compiling() else 1)  # eager gains nothing from padding
-        idx = chunk_index(b, bucket, chunk_capacity(L, self.cfg.rate, bucket) if bucket > 1 else 0)  # (B, M)
+        # eager gains nothing from padding
+        bucket = self.cfg.chunk_bucket or (64 if torch.compiler.is_compiling() else 1)
+        floor = chunk_capacity(L, self.cfg.rate, bucket) if bucket > 1 else 0
+        idx = chunk_index(b, bucket, floor)  # (B, M)
         z = downsample(h, idx)  # (B, M, C) the encoder vectors where chunks start, no pooling
         ccos, csin = rope_angles(idx, self.head_dim)  # RoPE at byte positions: distance in bytes
         for blk in self.main:
             z = blk(z, ccos, csin)
-        if self.method == "hnet":  # smooth over chunks with the boundary probability (H-Net's dechunk)
+        if self.method == "hnet":  # smooth over chunks with the boundary probability (dechunk)
             P = out["p"].gather(1, idx).clamp(1e-4, 1 - 1e-4)
             P = torch.where(b.gather(1, idx), P, torch.ones_like(P))  # padding chunks: no memory
             z = smooth_chunks(z, P)
@@ -548,7 +577,8 @@ def global_mean(x, dim=None, keepdim=False):
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return mean
     n = x.numel() / mean.numel()
-    total, count = (mean * n).detach(), torch.tensor(n, device=x.device)  # local sum along dim, rows
+    # the local sum along dim, and its rows
+    total, count = (mean * n).detach(), torch.tensor(n, device=x.device)
     dist.all_reduce(total)
     dist.all_reduce(count)
     return total / count
@@ -564,7 +594,7 @@ def policy_loss(out, ce_final, ce_early, cfg):
     a baseline that removes the 'this byte is hard anyway' part of the reward."""
     r = (ce_early - ce_final) if cfg.early_reward else -ce_final
     adv = r.detach()
-    if cfg.batch_adv:  # batch-relative: compare with other sequences at the same position (all ranks')
+    if cfg.batch_adv:  # batch-relative: other sequences at the same position (all ranks')
         adv = adv - global_mean(adv, 0, keepdim=True)
     G = discounted_returns(adv, cfg.gamma)  # action at t affects every later prediction
     logp = out["logp"][:, 1:]  # b_0 is forced: no gradient for it
@@ -578,7 +608,9 @@ def policy_loss(out, ce_final, ce_early, cfg):
 def loss_fn_for(cfg):
     def loss_fn(model, batch):
         x, given_b = batch["x"], batch.get("b")
-        out = model(x[:, :-1], given_b, batch.get("noise"))  # noise (B, L): drawn in the model unless given
+        # noise (B, L): drawn in the model unless given
+        out = model(x[:, :-1], given_b, batch.get("noise"))
+
         y = x[:, 1:]
         ce_final, ce_early = token_ce(out["logits"], y), token_ce(out["early_logits"], y)
         loss = (1 - cfg.early_weight) * ce_final.mean() + cfg.early_weight * ce_early.mean()
@@ -604,23 +636,26 @@ def alignment_counts(b, x):
     H-Net's novelty detector cuts)."""
     b, ws = b[:, 1:], is_whitespace(x)
     ws_here, ws_before = ws[:, 1:], ws[:, :-1]  # is byte t / byte t-1 whitespace, for t >= 1
-    counts = [torch.full((), b.numel(), device=b.device), b.sum(), ws_here.sum(), (b & ws_here).sum(),
-              ws_before.sum(), (b & ws_before).sum()]
+    counts = [torch.full((), b.numel(), device=b.device), b.sum(), ws_here.sum(),
+              (b & ws_here).sum(), ws_before.sum(), (b & ws_before).sum()]
     return torch.stack([c.double() for c in counts])  # on b's device: summed there, synced once
 
 
 def alignment_figures(c):
-    """The whitespace figures from summed alignment_counts, each next to its chance level: a policy
-    that ignores the bytes but fires at the same rate r hits r of the whitespace bytes, and its
-    boundaries fall on whitespace as often as whitespace occurs (the base rate).
-      ws_at     P(chunk starts at t | byte t is whitespace): the RL paper's "fraction of whitespace with
-                token boundaries" (its gate = 1 marks a chunk's first byte); the headline; chance = r
+    """The whitespace figures from summed alignment_counts, each next to its chance level: a
+    policy that ignores the bytes but fires at the same rate r hits r of the whitespace bytes, and
+    its boundaries fall on whitespace as often as whitespace occurs (the base rate).
+      ws_at     P(chunk starts at t | byte t is whitespace); chance = r. The RL paper's "fraction
+                of whitespace with token boundaries": its gate = 1 marks a chunk's *last* byte,
+                whose vector is kept and serves the bytes after it, the same data flow as a
+                chunk starting at t here, so a gate at a whitespace byte is a chunk at it
       ws_after  P(chunk starts at t | byte t-1 is whitespace); chance = r
       on_ws     share of boundaries at a whitespace byte; chance = base rate
       after_ws  share of boundaries right after a whitespace byte; chance = base rate"""
     n, nb, nws, at, nws_prev, after = c
-    return dict(free_rate=nb / n, ws_base=nws / n, ws_at=at / max(nws, 1), ws_after=after / max(nws_prev, 1),
-                on_ws=at / max(nb, 1), after_ws=after / max(nb, 1))
+    return dict(free_rate=nb / n, ws_base=nws / n, ws_at=at / max(nws, 1),
+                ws_after=after / max(nws_prev, 1), on_ws=at / max(nb, 1),
+                after_ws=after / max(nb, 1))
 
 
 @torch.no_grad()
@@ -629,7 +664,8 @@ def evaluation_sums(model, cfg, val, val_bounds, device, chunk=32):
     left on the device: evaluate() synchronises once."""
     L = cfg.seq_len
     n = min(cfg.eval_windows, (len(val) - 1) // L)
-    g = torch.Generator().manual_seed(12345)  # same gate noise at every evaluation and for every method
+    # the same gate noise at every evaluation and for every method
+    g = torch.Generator().manual_seed(12345)
     sums = torch.zeros(9, dtype=torch.float64, device=device)
     for s in range(0, n, chunk):
         rows = (torch.arange(s, min(n, s + chunk)) * L)[:, None] + torch.arange(L + 1)
@@ -657,15 +693,16 @@ def show_boundaries(model, cfg, val, val_bounds, device, n=120):
     given = val_bounds[:n][None].to(device) if val_bounds is not None else None
     noise = torch.rand(1, n, generator=torch.Generator().manual_seed(7)).to(device)
     b = model(x, given, noise, greedy=cfg.eval_gates == "greedy")["b"][0].cpu()
-    text = "".join(("|" if bi and i else "") + ("_" if c == 32 else "\\n" if c == 10 else chr(c) if 32 < c < 127 else "?")
+    shown = {32: "_", 10: "\\n"}
+    return "".join(("|" if bi and i else "") + shown.get(c, chr(c) if 32 < c < 127 else "?")
                    for i, (c, bi) in enumerate(zip(val[:n].tolist(), b.tolist())))
-    return text
 
 # ----------------------------------------------------------------------------------------------
 # one training run per method
 
 
-FIGURES = ("bpb", "rate", "free_rate", "ws_base", "ws_at", "ws_after", "on_ws", "after_ws", "bytes_per_chunk")
+FIGURES = ("bpb", "rate", "free_rate", "ws_base", "ws_at", "ws_after", "on_ws", "after_ws",
+           "bytes_per_chunk")
 
 
 def run_one(name, cfg, ctx, data, val, bounds, val_bounds):
@@ -674,7 +711,8 @@ def run_one(name, cfg, ctx, data, val, bounds, val_bounds):
     bytes_per_step = cfg.batch_size * cfg.seq_len
 
     def eval_fn(m, step):
-        return dict(train_bytes=step * bytes_per_step, **evaluate(m, cfg, val, val_bounds, ctx.device))
+        return dict(train_bytes=step * bytes_per_step,
+                    **evaluate(m, cfg, val, val_bounds, ctx.device))
 
     tag = name.replace(":", "_").replace("=", "")
     counters, graphs = torch._dynamo.utils.counters["stats"], []  # compiled graphs at each step
@@ -684,16 +722,19 @@ def run_one(name, cfg, ctx, data, val, bounds, val_bounds):
         graphs.append(counters["unique_graphs"])
         return get_batch(i)
     summary = train(model, batch, loss_fn_for(cfg), cfg, ctx, eval_fn=eval_fn,
-                    ckpt_path=f"{cfg.out}/ckpt_{tag}_seed{cfg.seed}.pt", desc=f"{name} seed {cfg.seed}")
+                    ckpt_path=f"{cfg.out}/ckpt_{tag}_seed{cfg.seed}.pt",
+                    desc=f"{name} seed {cfg.seed}")
     final, after_first = summary["evals"][-1], graphs[1:2] or [counters["unique_graphs"]]
-    return dict(method=name, seed=cfg.seed, params=count_params(model), bytes_per_s=summary["items_per_s"],
-                seconds=summary["seconds"], graphs=counters["unique_graphs"] - graphs[0] if graphs else 0,
-                recompiles=counters["unique_graphs"] - after_first[0],
+    total = counters["unique_graphs"]
+    return dict(method=name, seed=cfg.seed, params=count_params(model),
+                bytes_per_s=summary["items_per_s"], seconds=summary["seconds"],
+                graphs=total - graphs[0] if graphs else 0, recompiles=total - after_first[0],
+
                 curve=summary["evals"], sample=show_boundaries(
                     model, cfg, val, val_bounds, ctx.device), **{k: final[k] for k in FIGURES})
 
 
-def variant(cfg, method, overrides=()):
+def config_for(cfg, method, overrides=()):
     v = Config(**{**cfg.__dict__, "method": method, **dict(overrides)})
     v.out = cfg.out
     return v
@@ -708,12 +749,12 @@ def by_method(rows):
     return out
 
 
-def fmt(xs, digits):
+def interval_text(xs, digits):
     m, h = mean_interval(xs)
     return f"{m:.{digits}f}" + ("" if math.isnan(h) else f"+-{h:.{digits}f}")
 
 
-def compare(a, b):
+def paired_difference(a, b):
     """Paired difference a - b over seeds, as text: mean +- 95% interval and what it resolves."""
     m, h = mean_interval(np.asarray(a) - np.asarray(b))
     if math.isnan(h):
@@ -729,26 +770,31 @@ def verdicts(rows, cfg):
         return lines
     rl, n = by["rl"], len(by["rl"]["bpb"])
     inside = sum(abs(r - cfg.rate) <= tol for r in rl["rate"])
-    lines.append(f"rl realised rate {fmt(rl['rate'], 3)}: within +-{tol} of the target {cfg.rate} in {inside}/{n} seeds")
+    lines.append(f"rl realised rate {interval_text(rl['rate'], 3)}: within +-{tol} of the target "
+                 f"{cfg.rate} in {inside}/{n} seeds")
     for base in ("uniform", "fixed", "hnet", "bpe"):
         if base in by:
-            diff, word = compare(rl["bpb"], by[base]["bpb"])
-            lines.append(f"rl bpb minus {base} bpb: {diff} -> {word} (rates {fmt(rl['rate'], 3)} vs {fmt(by[base]['rate'], 3)})")
+            diff, word = paired_difference(rl["bpb"], by[base]["bpb"])
+            lines.append(f"rl bpb minus {base} bpb: {diff} -> {word} (rates "
+                         f"{interval_text(rl['rate'], 3)} vs {interval_text(by[base]['rate'], 3)})")
     # the paper's alignment figure against the chance a byte-blind policy at rl's own rate would get
     above = sum(w > 2 * c for w, c in zip(rl["ws_at"], rl["free_rate"]))
-    line = (f"whitespace bytes where a chunk starts (paper's figure): rl {fmt(rl['ws_at'], 2)} vs chance at its own rate "
-            f"{fmt(rl['free_rate'], 2)}: at least 2x chance in {above}/{n} seeds")
+    line = (f"whitespace bytes where a chunk starts (paper's figure): rl "
+            f"{interval_text(rl['ws_at'], 2)} vs chance at its own rate "
+            f"{interval_text(rl['free_rate'], 2)}: at least 2x chance in {above}/{n} seeds")
     if "uniform" in by:
-        line += f"; uniform {fmt(by['uniform']['ws_at'], 2)}"
+        line += f"; uniform {interval_text(by['uniform']['ws_at'], 2)}"
     lines.append(line + (" -> reproduced" if above == n else " -> NOT reproduced"))
     if "rl:gamma=1" in by:
-        diff, word = compare(by["rl:gamma=1"]["ws_at"], rl["ws_at"])
+        diff, word = paired_difference(by["rl:gamma=1"]["ws_at"], rl["ws_at"])
+        verdict = {"lower": "drops", "unresolved": word}.get(word, "does not drop (resolved)")
         lines.append(f"gamma=1 minus gamma={cfg.gamma}, paper's whitespace figure: {diff} -> "
-                     + ("drops" if word == "lower" else "does not drop (resolved)" if word != "unresolved" else word))
+                     + verdict)
     if "rl:no-rate-control" in by:
         r0 = mean_interval(by["rl:no-rate-control"]["rate"])[0]
         lines.append(f"without rate control the rate goes to {r0:.3f}: "
-                     + ("collapses towards a boundary at every byte" if r0 > 0.5 else "no collapse at this budget"))
+                     + ("collapses towards a boundary at every byte" if r0 > 0.5
+                        else "no collapse at this budget"))
     return lines
 
 
@@ -756,18 +802,25 @@ def report(rows, cfg, ws_share):
     """The results table (mean +- 95% interval over seeds), boundary samples and the verdicts."""
     by = by_method(rows)
     n = len(next(iter(by.values()))["bpb"])
+    megabytes = cfg.max_steps * cfg.batch_size * cfg.seq_len / 1e6
     print(f"\nheld-out {cfg.data}, {cfg.max_steps} steps x {cfg.batch_size} x {cfg.seq_len} bytes "
-          f"= {cfg.max_steps * cfg.batch_size * cfg.seq_len / 1e6:.1f} MB per method, {n} seed(s) from {cfg.seed}"
+          f"= {megabytes:.1f} MB per method, {n} seed(s) from {cfg.seed}"
           f"{' (mean +- 95% t-interval)' if n > 1 else ''}, rl gates at eval: {cfg.eval_gates}")
-    print(f"{'method':20s} {'val bpb':>15s} {'rate':>11s} {'ws_at':>10s} {'(chance)':>10s} {'ws_after':>10s} "
-          f"{'on_ws':>10s} {'after_ws':>10s} {'bytes/chunk':>11s} {'train B/s':>10s}")
+    columns = [("val bpb", "bpb", 4, 15), ("rate", "rate", 3, 11), ("ws_at", "ws_at", 2, 10),
+               ("(chance)", "free_rate", 2, 10), ("ws_after", "ws_after", 2, 10),
+               ("on_ws", "on_ws", 2, 10), ("after_ws", "after_ws", 2, 10),
+               ("bytes/chunk", "bytes_per_chunk", 2, 11)]
+    print(f"{'method':20s} " + " ".join(f"{title:>{width}s}" for title, _, _, width in columns)
+          + f" {'train B/s':>10s}")
     for name, f in by.items():
-        print(f"{name:20s} {fmt(f['bpb'], 4):>15s} {fmt(f['rate'], 3):>11s} {fmt(f['ws_at'], 2):>10s} "
-              f"{fmt(f['free_rate'], 2):>10s} {fmt(f['ws_after'], 2):>10s} {fmt(f['on_ws'], 2):>10s} "
-              f"{fmt(f['after_ws'], 2):>10s} {fmt(f['bytes_per_chunk'], 2):>11s} {mean_interval(f['bytes_per_s'])[0]:10,.0f}")
-    print(f"ws_at: fraction of whitespace bytes where a chunk starts (the paper's figure; chance = the method's own "
-          f"rate); ws_after: ... where one starts on the next byte (chance = rate); on_ws / after_ws: share of "
-          f"boundaries at / right after whitespace (chance = whitespace's share of held-out bytes, {ws_share:.1%})")
+        cells = " ".join(f"{interval_text(f[key], digits):>{width}s}"
+                         for _, key, digits, width in columns)
+
+        print(f"{name:20s} {cells} {mean_interval(f['bytes_per_s'])[0]:10,.0f}")
+    print(f"ws_at: fraction of whitespace bytes where a chunk starts (the paper's figure; chance = "
+          f"the method's own rate); ws_after: ... where one starts on the next byte (chance = "
+          f"rate); on_ws / after_ws: share of boundaries at / right after whitespace (chance = "
+          f"whitespace's share of held-out bytes, {ws_share:.1%})")
     print("\nboundaries on a held-out passage ('|' = chunk start, '_' = space), first seed:")
     for r in rows:
         if r["seed"] == cfg.seed:
@@ -778,7 +831,8 @@ def report(rows, cfg, ws_share):
         for line in lines:
             print("  " + line)
     if len(by) == 1:
-        print("  (--method=uniform|fixed|hnet|space|bpe runs a baseline the same way; --compare runs them all, one seed)")
+        print("  (--method=uniform|fixed|hnet|space|bpe runs a baseline the same way; "
+              "--compare runs them all, one seed)")
     return lines
 
 
@@ -787,7 +841,8 @@ def plot(cfg, rows):
         fig, ax = plt.subplots(figsize=(6.5, 4))
         for r in (r for r in rows if r["seed"] == cfg.seed):  # the first seed's curves
             xs = [e["train_bytes"] / 1e6 for e in r["curve"]]
-            ax.plot(xs, [e["bpb"] for e in r["curve"]], marker="o", ms=3, ls="--" if ":" in r["method"] else "-",
+            ax.plot(xs, [e["bpb"] for e in r["curve"]], marker="o", ms=3,
+                    ls="--" if ":" in r["method"] else "-",
                     label=f"{r['method']} (rate {r['rate']:.2f})")
         ax.set_xlabel("training bytes (millions)")
         ax.set_ylabel("held-out bits per byte")
@@ -805,7 +860,8 @@ def fake_memory(build, bf16=False):
     """GiB one training micro-step needs, estimated on any machine without allocating anything:
     build() -> (model, loss_fn, rows) runs under FakeTensorMode, so no tensor holds data. Counted:
     16 bytes per parameter (fp32 weights, gradients, AdamW's two moments) and every tensor autograd
-    saves for backward; bf16=True runs the forward under CPU bf16 autocast, standing in for --gpu's."""
+    saves for backward; bf16=True runs the forward under CPU bf16 autocast, standing in for
+    --gpu's."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.multiprocessing.reductions import StorageWeakRef
     saved = {}
@@ -817,7 +873,8 @@ def fake_memory(build, bf16=False):
     with FakeTensorMode(allow_non_fake_inputs=True):
         model, loss_fn, rows = build()
         own = {StorageWeakRef(t.untyped_storage()) for t in [*model.parameters(), *model.buffers()]}
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", torch.bfloat16, bf16):
+        hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+        with hooks, torch.autocast("cpu", torch.bfloat16, bf16):
             loss_fn(model, rows)
     return (16 * count_params(model) + sum(saved.values())) / 2**30
 
@@ -827,7 +884,8 @@ def estimate_memory(cfg):
     chunk count depends on the data: it is fixed at what compiled code is given at a held rate."""
     L, rows = cfg.seq_len, cfg.batch_size // cfg.grad_accum
     M = chunk_capacity(L, cfg.rate, cfg.chunk_bucket or 64)
-    batch = lambda: dict(x=torch.randint(0, 256, (rows, L + 1)), noise=torch.rand(rows, L), b=torch.rand(rows, L) < cfg.rate)
+    batch = lambda: dict(x=torch.randint(0, 256, (rows, L + 1)), noise=torch.rand(rows, L),
+                         b=torch.rand(rows, L) < cfg.rate)
     with mock.patch(f"{__name__}.chunk_count", lambda b, bucket, floor: M):
         return fake_memory(lambda: (ChunkedByteLM(cfg), loss_fn_for(cfg), batch()), bf16=cfg.gpu)
 
@@ -836,15 +894,17 @@ def bench(cfg, ctx, data, bounds, steps=12):
     """Time of one micro-step (forward, backward, AdamW) per method, each step on a fresh batch (a
     data-dependent method must not be timed on one reused batch: its chunk count, and so its cost,
     varies), and the estimated memory of one micro-step. The methods take turns step by step, in
-    alternating order, so that a change in the machine's load hits them alike; a method's cost is the
-    median over rounds of its step time / fixed's step time in the same round."""
+    alternating order, so that a change in the machine's load hits them alike; a method's cost is
+    the median over rounds of its step time / fixed's step time in the same round."""
     rows = cfg.batch_size // cfg.grad_accum  # one micro-step: what has to fit in memory at once
     print(f"bench: d={cfg.n_embd}, blocks {cfg.n_enc}/{cfg.n_main}/{cfg.n_dec}, seq {cfg.seq_len}, "
-          f"{rows} rows per micro-step, device {ctx.device}, torch threads {torch.get_num_threads()}, "
-          f"{steps} timed rounds of one step per method on fresh batches after 2 warm-up rounds")
+          f"{rows} rows per micro-step, device {ctx.device}, "
+          f"torch threads {torch.get_num_threads()}, {steps} timed rounds of one step per method "
+          f"on fresh batches after 2 warm-up rounds")
     runs = {}
-    for method in METHODS:  # torch.compile is lazy: every model compiles at its first step, none is reset
-        c = variant(cfg, method)
+    # torch.compile is lazy: every model compiles at its first step, none is reset
+    for method in METHODS:
+        c = config_for(cfg, method)
         torch.manual_seed(0)
         model = ChunkedByteLM(c).to(ctx.device)
         get = make_get_batch(c, data, bounds)
@@ -866,10 +926,11 @@ def bench(cfg, ctx, data, bounds, steps=12):
                 times[method].append(time.time() - t0)
     rates = {m: rows * cfg.seq_len / float(np.median(t)) for m, t in times.items()}
     for method, bps in rates.items():
-        ratio = np.array(times[method]) / np.array(times["fixed"])  # (steps,): per round, moments apart
-        print(f"  {method:8s} {bps:12,.0f} bytes/s   step time {np.median(ratio):.2f}x fixed (quartiles "
-              f"{np.percentile(ratio, 25):.2f}-{np.percentile(ratio, 75):.2f})   "
-              f"memory ~{estimate_memory(variant(cfg, method)):.1f} GiB (FakeTensor estimate)")
+        # (steps,): per round, timed moments apart
+        ratio = np.array(times[method]) / np.array(times["fixed"])
+        print(f"  {method:8s} {bps:12,.0f} bytes/s   step time {np.median(ratio):.2f}x fixed "
+              f"(quartiles {np.percentile(ratio, 25):.2f}-{np.percentile(ratio, 75):.2f})   "
+              f"memory ~{estimate_memory(config_for(cfg, method)):.1f} GiB (FakeTensor estimate)")
     return rates
 
 # ----------------------------------------------------------------------------------------------
@@ -884,16 +945,18 @@ def main(argv=None):
     names = list(METHODS) if cfg.compare or cfg.bench else [cfg.method]
     bounds = val_bounds = None
     if "bpe" in names:  # token starts, computed once for the whole corpus
-        bounds, val_bounds = bpe_boundaries(cfg, train_raw, train_raw), bpe_boundaries(cfg, val_raw, train_raw)
+        bounds = bpe_boundaries(cfg, train_raw, train_raw)
+        val_bounds = bpe_boundaries(cfg, val_raw, train_raw)
     if ctx.master:
-        print(f"data {cfg.data}: {len(data):,} train / {len(val):,} val bytes; target rate {cfg.rate}")
+        print(f"data {cfg.data}: {len(data):,} train / {len(val):,} val bytes; "
+              f"target rate {cfg.rate}")
     if cfg.bench:
         return bench(cfg, ctx, data, bounds)
-    runs = [(n, variant(cfg, n)) for n in names]
+    runs = [(n, config_for(cfg, n)) for n in names]
     if cfg.compare and cfg.ablations:
-        runs += [(n, variant(cfg, "rl", o)) for n, o in ABLATIONS.items()]
-    rows = [run_one(name, variant(c, c.method, dict(seed=seed)), ctx, data, val, bounds if name == "bpe" else None,
-                       val_bounds if name == "bpe" else None)
+        runs += [(n, config_for(cfg, "rl", o)) for n, o in ABLATIONS.items()]
+    rows = [run_one(name, config_for(c, c.method, dict(seed=seed)), ctx, data, val,
+                    *((bounds, val_bounds) if name == "bpe" else (None, None)))
             for seed in range(cfg.seed, cfg.seed + cfg.seeds) for name, c in runs]
     if not ctx.master:
         return None
@@ -901,7 +964,9 @@ def main(argv=None):
     lines = report(rows, cfg, ws_share)
     seconds = time.time() - t_start
     print(f"\ntotal time {seconds:.0f}s")
-    path = save_results(cfg, ctx, dict(rows=rows, verdicts=lines, seconds=seconds, whitespace_share=ws_share))
+    path = save_results(cfg, ctx, dict(rows=rows, verdicts=lines, seconds=seconds,
+                                       whitespace_share=ws_share))
+
     fig = plot(cfg, rows)
     print(f"wrote {path}" + (f" and {fig}" if fig else ""))
     return rows

@@ -1779,8 +1779,8 @@ def test_scripts_help_lists_only_flags_they_use(script, cls, capsys):
 # ---- hnet_rl.py (last: its compiled --compare job is the longest)
 
 def hr_tiny_cfg(method, **kw):
-    base = dict(method=method, n_embd=16, n_head=2, n_enc=1, n_main=1, n_dec=1, window=6, seq_len=24,
-                batch_size=4, max_steps=5)
+    base = dict(method=method, n_embd=16, n_head=2, n_enc=1, n_main=1, n_dec=1, window=6,
+                seq_len=24, batch_size=4, max_steps=5)
     return hr.Config(**{**base, **kw})
 
 
@@ -1800,7 +1800,8 @@ def test_hnet_rl_chunk_upsample_identities():
     torch.manual_seed(0)
     x = torch.randn(3, 11, 5)
     ones = torch.ones(3, 11, dtype=torch.bool)
-    assert torch.equal(hr.upsample(hr.downsample(x, hr.chunk_index(ones)), ones), x)  # all-boundary = identity
+    # all boundaries: the identity
+    assert torch.equal(hr.upsample(hr.downsample(x, hr.chunk_index(ones)), ones), x)
     b = hr_random_boundaries(3, 11, 0.3, seed=1)
     idx = hr.chunk_index(b)
     up = hr.upsample(hr.downsample(x, idx), b)
@@ -1823,7 +1824,8 @@ def test_hnet_rl_smoothing_matches_float64_loop():
         prev = P[:, j, None].double() * z[:, j].double() + (1 - P[:, j, None].double()) * prev
         ref[:, j] = prev
     torch.testing.assert_close(hr.smooth_chunks(z, P).double(), ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(hr.smooth_chunks(z, torch.ones(2, 9) - 1e-7), z, atol=1e-5, rtol=1e-5)  # P = 1: no memory
+    no_memory = hr.smooth_chunks(z, torch.ones(2, 9) - 1e-7)  # P = 1
+    torch.testing.assert_close(no_memory, z, atol=1e-5, rtol=1e-5)
 
 
 def test_hnet_rl_ratio_loss_values_and_gradient():
@@ -1831,8 +1833,10 @@ def test_hnet_rl_ratio_loss_values_and_gradient():
     def L(Fv, Gv):
         return hr.ratio_loss(torch.full((100,), Fv), torch.full((100,), Gv), N).item()
     assert L(0.2, 0.2) == pytest.approx(1.0, abs=1e-6)
-    assert L(1.0, 1.0) == pytest.approx(N, abs=1e-5) and L(0.0, 0.0) == pytest.approx(N / (N - 1), abs=1e-6)
-    for Fv, sign in ((0.5, 1.0), (0.05, -1.0)):  # too many boundaries: gradient pushes p down, and vice versa
+    assert L(1.0, 1.0) == pytest.approx(N, abs=1e-5)
+    assert L(0.0, 0.0) == pytest.approx(N / (N - 1), abs=1e-6)
+    # too many boundaries: the gradient pushes p down, and vice versa
+    for Fv, sign in ((0.5, 1.0), (0.05, -1.0)):
         p = torch.full((100,), 0.3, requires_grad=True)
         hr.ratio_loss(torch.full((100,), Fv), p, N).backward()
         assert torch.sign(p.grad.sum()).item() == sign
@@ -1868,7 +1872,8 @@ def test_hnet_rl_causality_by_perturbation(method, kw):
         x2 = x.clone()
         x2[:, t + 1:] = torch.randint(0, 256, (2, 23 - t), generator=g)  # change every byte after t
         out2 = m(x2, given, noise)
-        torch.testing.assert_close(out2["logits"][:, : t + 1], out["logits"][:, : t + 1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out2["logits"][:, : t + 1], out["logits"][:, : t + 1],
+                                   atol=1e-5, rtol=1e-5)
         assert torch.equal(out2["b"][:, : t + 1], out["b"][:, : t + 1])
 
 
@@ -1879,7 +1884,8 @@ def test_hnet_rl_causality_by_gradient():
     t = 9
     m.zero_grad()
     m(x)["logits"][0, t].sum().backward()
-    # bytes after t must get no gradient through their embedding rows (unless the byte value also occurs before t)
+    # bytes after t must get no gradient through their embedding rows (unless the byte value also
+    # occurs before t)
     later_only = set(x[0, t + 1:].tolist()) - set(x[0, : t + 1].tolist())
     assert all(emb.grad[v].abs().max() == 0 for v in later_only)
 
@@ -1892,27 +1898,30 @@ def test_hnet_rl_discounted_returns_match_double_loop():
         for t in range(13):
             for k in range(t, 13):
                 ref[:, t] += gamma ** (k - t) * adv[:, k].double()
-        torch.testing.assert_close(hr.discounted_returns(adv, gamma).double(), ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(hr.discounted_returns(adv, gamma).double(), ref,
+                                   atol=1e-5, rtol=1e-5)
 
 
 def hr_toy_expectations(gamma, T=5):
-    """Exact E_a[grad of the per-sequence policy loss] over all 2^(T-1) action sequences (a_0 forced)
-    and the exact gradient of J = E_a[sum_t r_t(a)] for a sequential policy
+    """Exact E_a[grad of the per-sequence policy loss] over all 2^(T-1) action sequences (a_0
+    forced) and the exact gradient of J = E_a[sum_t r_t(a)] for a sequential policy
     logit_t = theta_t + phi a_{t-1}, with causal rewards r_t = -CE_final_t(a_{<=t}) + baseline_t."""
     theta = torch.tensor([0.0, 0.3, -0.5, 0.8, -0.2], dtype=torch.float64, requires_grad=True)
     phi = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
     w = torch.randn(T, T, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     baseline = torch.randn(T, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    cfg = hr.Config(method="rl", gamma=gamma, lambda_g=1.0, lambda_c=0.0, batch_adv=False, early_reward=True)
+    cfg = hr.Config(method="rl", gamma=gamma, lambda_g=1.0, lambda_c=0.0, batch_adv=False,
+                    early_reward=True)
     est = [torch.zeros(T, dtype=torch.float64), torch.zeros((), dtype=torch.float64)]
     J = 0.0
     for tail in itertools.product((0, 1), repeat=T - 1):
         a = torch.tensor((1,) + tail, dtype=torch.float64)
         prev = torch.cat([torch.zeros(1, dtype=torch.float64), a[:-1]])
         logits = theta + phi * prev
-        logp = torch.where(a.bool(), torch.nn.functional.logsigmoid(logits), torch.nn.functional.logsigmoid(-logits))
+        logp = torch.where(a.bool(), F.logsigmoid(logits), F.logsigmoid(-logits))
         prob = logp[1:].sum().exp()  # probability of this sequence (a_0 forced)
-        ce_final = torch.stack([torch.tanh((w[t, : t + 1] * a[: t + 1]).sum()) for t in range(T)])  # depends on a_<=t
+        # depends on a_<=t
+        ce_final = torch.stack([torch.tanh((w[t, : t + 1] * a[: t + 1]).sum()) for t in range(T)])
         out = dict(logp=logp[None], gate_logits=logits[None], p=torch.sigmoid(logits)[None])
         loss, _ = hr.policy_loss(out, ce_final[None], baseline[None], cfg)
         grads = torch.autograd.grad(loss, (theta, phi), retain_graph=True)
@@ -1959,7 +1968,7 @@ def test_hnet_rl_rate_control_moves_rate_toward_target():
         model.gate.weight.zero_()
     h = torch.randn(4, 24, 16)
     out = model.rl_boundaries(h, torch.rand(4, 24), greedy=False)
-    out["gate_logits"] = out["gate_logits"] + 2.0  # pretend the policy fires far too often (p ~ 0.6)
+    out["gate_logits"] = out["gate_logits"] + 2.0  # pretend the policy fires too often (p ~ 0.6)
     out["p"] = torch.sigmoid(out["gate_logits"])
     loss, _ = hr.policy_loss(out, torch.zeros(4, 24), torch.zeros(4, 24), cfg)
     (g,) = torch.autograd.grad(loss, out["gate_logits"])
@@ -1967,8 +1976,9 @@ def test_hnet_rl_rate_control_moves_rate_toward_target():
 
 
 def test_hnet_rl_rate_control_reaches_the_gate_not_the_lm_head():
-    # Through the full forward and loss: the rate-control term's gradient (the loss with lambda_c = 1
-    # minus the same loss with lambda_c = 0, same noise) lands on the gate and nowhere on the LM head.
+    # Through the full forward and loss: the rate-control term's gradient (the loss with
+    # lambda_c = 1 minus the same loss with lambda_c = 0, same noise) lands on the gate and
+    # nowhere on the LM head.
     x = torch.randint(0, 256, (4, 25), generator=torch.Generator().manual_seed(0))
     batch = dict(x=x, noise=torch.rand(4, 24, generator=torch.Generator().manual_seed(1)))
     grads = []
@@ -1986,8 +1996,8 @@ def test_hnet_rl_rate_control_reaches_the_gate_not_the_lm_head():
 
 def test_hnet_rl_gate_lr_is_adamw_with_a_larger_lr_on_the_gate():
     # --gate_lr=k (weights k times smaller, read k times larger) trains exactly like k x lr on the
-    # gate's parameters with decay / k (the same shrink per step): the same policy logits after three
-    # AdamW steps, bit for bit once Adam's eps is too small to break its scale invariance
+    # gate's parameters with decay / k (the same shrink per step): the same policy logits after
+    # three AdamW steps, bit for bit once Adam's eps is too small to break its scale invariance
     x = torch.randint(0, 256, (4, 25), generator=torch.Generator().manual_seed(0))
     batch = dict(x=x, noise=torch.rand(4, 24, generator=torch.Generator().manual_seed(1)))
     logits = []
@@ -1995,8 +2005,9 @@ def test_hnet_rl_gate_lr_is_adamw_with_a_larger_lr_on_the_gate():
         model = hr_tiny_model("rl", gate_lr=k, rate_offset="off").train()
         gate = [p for n, p in model.named_parameters() if n.startswith("gate.")]
         rest = [p for n, p in model.named_parameters() if not n.startswith("gate.")]
-        opt = torch.optim.AdamW([dict(params=rest), dict(params=gate, lr=1e-2 * group_lr, weight_decay=0.1 / group_lr)],
-                                lr=1e-2, weight_decay=0.1, eps=1e-14)
+        groups = [dict(params=rest),
+                  dict(params=gate, lr=1e-2 * group_lr, weight_decay=0.1 / group_lr)]
+        opt = torch.optim.AdamW(groups, lr=1e-2, weight_decay=0.1, eps=1e-14)
         for _ in range(3):
             loss, _ = hr.loss_fn_for(model.cfg)(model, batch)
             opt.zero_grad()
@@ -2016,7 +2027,8 @@ def test_hnet_rl_cli_rejects_bad_input(jobs):
         assert e.value.code == 2
     cfg = hr.parse_config(hr.Config, "hnet_rl", ["--gpu"])  # real-scale config parses
     assert (cfg.n_embd, cfg.n_enc, cfg.n_main, cfg.n_dec, cfg.seq_len) == (768, 4, 12, 4, 4096)
-    assert (cfg.gate_scale, cfg.rate_offset, cfg.lambda_c, cfg.byte_mlp, cfg.batch_size) == (1 / 16, "off", 0.01, 1, 128)
+    paper = (cfg.gate_scale, cfg.rate_offset, cfg.lambda_c, cfg.byte_mlp, cfg.batch_size)
+    assert paper == (1 / 16, "off", 0.01, 1, 128)
 
 
 def test_hnet_rl_sequential_sampling_matches_parallel_logits():
@@ -2039,21 +2051,23 @@ def test_hnet_rl_rate_offset_steers_rate_only_in_training():
     m.train()
     rates = []
     for _ in range(30):
-        rates.append(m.rl_boundaries(h, torch.rand(4, 24), greedy=False)["b"][:, 1:].float().mean().item())
+        b = m.rl_boundaries(h, torch.rand(4, 24), greedy=False)["b"]
+        rates.append(b[:, 1:].float().mean().item())
     assert m.rate_offset.item() < 0 and abs(sum(rates[-10:]) / 10 - 0.2) < abs(rates[0] - 0.2)
 
 
 @pytest.mark.parametrize("T,W", [(24, 6), (23, 5), (10, 3), (7, 8)])
 def test_hnet_rl_local_attention_equals_masked_reference(T, W):
-    # blocks of W queries over 2W keys (cost L x W) = attention under the full banded mask (cost L^2),
-    # also when T is not a multiple of W; the model's byte blocks use it
+    # blocks of W queries over 2W keys (cost L x W) = attention under the full banded mask (cost
+    # L^2), also when T is not a multiple of W; the model's byte blocks use it
     torch.manual_seed(0)
     local = hr.LocalAttention(16, 2, W)
     x = torch.randn(3, T, 16, requires_grad=True)
     cos, sin = train.rope_angles(torch.arange(T), 8)
     i, j = torch.arange(T)[:, None], torch.arange(T)
     q, k, v = local.project(x, cos, sin)  # the reference: query i sees keys i - W < j <= i
-    y_ref = local.proj(F.scaled_dot_product_attention(q, k, v, attn_mask=(j <= i) & (i - j < W)).transpose(1, 2).reshape(3, T, 16))
+    attended = F.scaled_dot_product_attention(q, k, v, attn_mask=(j <= i) & (i - j < W))
+    y_ref = local.proj(attended.transpose(1, 2).reshape(3, T, 16))
     y = local(x, cos, sin)
     torch.testing.assert_close(y, y_ref, atol=1e-6, rtol=1e-5)
     (g_ref,), (g,) = (torch.autograd.grad(o.square().sum(), x) for o in (y_ref, y))
@@ -2094,7 +2108,8 @@ def test_hnet_rl_whitespace_figures_separate_at_and_after():
         f = hr.alignment_figures(hr.alignment_counts(b, x))
         assert {k: f[k] for k in want} == pytest.approx(want)
         assert f["free_rate"] == pytest.approx(5 / 19) and f["ws_base"] == pytest.approx(5 / 19)
-    g = torch.Generator().manual_seed(0)  # a byte-blind policy: chance = its rate, and the base rate
+    # a byte-blind policy: chance = its rate, and the base rate
+    g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (64, 400), generator=g)
     x[torch.rand(64, 400, generator=g) < 0.25] = 32
     f = hr.alignment_figures(hr.alignment_counts(torch.rand(64, 400, generator=g) < 0.2, x))
@@ -2111,19 +2126,24 @@ def test_hnet_rl_bench_times_every_step_on_a_fresh_batch(tmp_path, monkeypatch, 
     monkeypatch.setattr(hr, "make_get_batch", spy)
     cfg = hr_tiny_cfg("rl", out=str(tmp_path), threads=1, grad_accum=2)
     data = torch.randint(0, 256, (2000,), generator=torch.Generator().manual_seed(0))
-    rates = hr.bench(cfg, train.setup(cfg), data, hr_random_boundaries(1, 2000, 0.2, seed=1)[0], steps=1)
+    bounds = hr_random_boundaries(1, 2000, 0.2, seed=1)[0]
+    rates = hr.bench(cfg, train.setup(cfg), data, bounds, steps=1)
     assert set(rates) == set(hr.METHODS) and asked == list(range(3)) * len(hr.METHODS)
-    out = capsys.readouterr().out  # one micro-step (what must fit in memory) is timed, and its memory estimated
-    assert "fresh batches" in out and "2 rows per micro-step" in out and out.count("GiB (FakeTensor estimate)") == 6
+    # one micro-step (what must fit in memory) is timed, and its memory estimated
+    out = capsys.readouterr().out
+    assert "fresh batches" in out and "2 rows per micro-step" in out
+    assert out.count("GiB (FakeTensor estimate)") == 6
 
 
 def test_hnet_rl_seeds_print_mean_and_interval(tmp_path, capsys):
-    argv = ["--method=uniform", "--seeds=2", "--max_steps=2", "--n_embd=16", "--n_head=2", "--seq_len=32",
-            "--batch_size=4", "--eval_windows=4", "--warmup=1", "--eval_every=2", f"--out={tmp_path}"]
+    argv = ["--method=uniform", "--seeds=2", "--max_steps=2", "--n_embd=16", "--n_head=2",
+            "--seq_len=32", "--batch_size=4", "--eval_windows=4", "--warmup=1", "--eval_every=2",
+            f"--out={tmp_path}"]
     rows = hr.main(argv)
     assert sorted(r["seed"] for r in rows) == [0, 1] and rows[0]["bpb"] != rows[1]["bpb"]
     table = capsys.readouterr().out
-    (line,) = [line for line in table.splitlines() if line.startswith("uniform ") and "seed" not in line]
+    (line,) = [line for line in table.splitlines()
+               if line.startswith("uniform ") and "seed" not in line]
     assert "2 seed(s)" in table and "+-" in line
 
 
@@ -2133,9 +2153,13 @@ def test_hnet_rl_bpe_round_trips_and_rebuilds_a_damaged_cache(tmp_path):
     text = train.embedded_text("val")[:20_000]
     enc = hr.bpe_tokenizer(text, 400, tmp_path)
     assert enc.n_vocab == 401
-    for s in ["The quick brown fox's 123 jumps!\n\n  done", "naïve café ✓ — emoji 🙂", text[-500:].decode()]:
+    samples = ["The quick brown fox's 123 jumps!\n\n  done", "naïve café ✓ — emoji 🙂",
+               text[-500:].decode()]
+    for s in samples:
         assert enc.decode(enc.encode_ordinary(s)) == s
-    assert len(enc.encode_ordinary(text.decode())) < 0.6 * len(text)  # 144 merges already halve it, nearly
+    # 144 merges already nearly halve it
+    assert len(enc.encode_ordinary(text.decode())) < 0.6 * len(text)
+
     ids = enc.encode_ordinary(text.decode())
     (cache,) = tmp_path.iterdir()
     good = cache.read_bytes()
@@ -2163,3 +2187,28 @@ def test_hnet_rl_compare_compiles_every_method_once_in_one_process(jobs):
     assert all(math.isfinite(r["bpb"]) for r in rows)
     assert all(r["graphs"] >= 1 and r["recompiles"] <= 1 for r in rows)  # at most one more shape
     assert rows[0]["recompiles"] == rows[1]["recompiles"] == 0
+
+
+class HrMetaModel(torch.nn.Module):
+    """Stands in for ChunkedByteLM on the `meta` device (no data, so no data-dependent chunk
+    count): logits and boundaries of the right shapes, on the device of its input."""
+
+    def forward(self, x, given_b=None, noise=None, greedy=False):
+        assert x.device.type == noise.device.type == "meta"
+        B, L = x.shape
+        return dict(logits=torch.empty(B, L, 256, device=x.device),
+                    b=torch.empty(B, L, dtype=torch.bool, device=x.device))
+
+
+def test_hnet_rl_evaluation_stays_on_the_device():
+    # The meta device refuses to stack or concatenate a CPU tensor with its own, as CUDA does:
+    # the evaluation's sums (NLL, bytes, boundaries, whitespace counts) are built on the device
+    # and read back once, never per batch.
+    b = torch.ones(2, 16, dtype=torch.bool, device="meta")
+    x = torch.zeros(2, 16, dtype=torch.long, device="meta")
+    counts = hr.alignment_counts(b, x)
+    assert counts.device.type == "meta" and counts.shape == (6,)
+    cfg = hr_tiny_cfg("rl", eval_windows=5)
+    val = torch.randint(0, 256, (2000,), generator=torch.Generator().manual_seed(0))
+    sums = hr.evaluation_sums(HrMetaModel(), cfg, val, None, torch.device("meta"), chunk=2)
+    assert sums.device.type == "meta" and sums.shape == (9,)
