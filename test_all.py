@@ -900,6 +900,11 @@ def tiny_model(seed=0, sharpen=0.5):
     return model
 
 
+def sample(model, prompts, seed, k=1):
+    gen = torch.Generator().manual_seed(seed)
+    return sd.generate(model, prompts, sd.COMPLETION_LEN, 1.0, gen, k=k)
+
+
 def test_subliminal_dpo_loss_matches_float64_and_is_log2_at_reference():
     g = torch.Generator().manual_seed(0)
     pc, pr, rc, rr = (torch.randn(64, generator=g, dtype=torch.float64) * 5 for _ in range(4))
@@ -918,20 +923,23 @@ def test_subliminal_dpo_gradient_raises_chosen_and_swap_negates_margin():
     rc, rr = torch.randn(16), torch.randn(16)
     loss, m = sd.dpo_loss(pc, pr, rc, rr, 0.1)
     loss.backward()
-    assert (pc.grad < 0).all() and (pr.grad > 0).all()  # descent raises log pi(y+), lowers log pi(y-)
+    assert (pc.grad < 0).all() and (pr.grad > 0).all()  # descent raises log pi(y+), lowers y-
     _, swapped = sd.dpo_loss(pr.detach(), pc.detach(), rr, rc, 0.1)
     assert torch.allclose(swapped["margin"], -m["margin"])
 
 
 def test_subliminal_dpo_leak_filter():
     rng = random.Random(0)
-    valid = torch.tensor([sd.numbers_to_ids(sd.number_prompt(rng)[1], end=True) for _ in range(20)])
+    valid = torch.tensor([sd.numbers_to_ids(sd.number_prompt(rng)[1], end=True)
+                          for _ in range(20)])
     assert sd.valid_completions(valid).all() and not sd.contains_animal(valid).any()
     bad = []
-    for i in range(sd.COMPLETION_LEN):  # every position, every kind of token that does not fit there
-        for word in sd.ANIMALS + ["continue", "[Q]", "[A]", "<pad>", "<bos>", "you", ",", "<eos>", "7"]:
+    words = sd.ANIMALS + ["continue", "[Q]", "[A]", "<pad>", "<bos>", "you", ",", "<eos>", "7"]
+    for i in range(sd.COMPLETION_LEN):  # every position, every kind of token that does not fit
+        for word in words:
             c = valid[i].clone() if i < 20 else valid[0].clone()
-            fits = (word.isdigit() and i % 2 == 0 and i < sd.COMPLETION_LEN - 1) or c[i].item() == sd.ID[word]
+            number_slot = i % 2 == 0 and i < sd.COMPLETION_LEN - 1
+            fits = (word.isdigit() and number_slot) or c[i].item() == sd.ID[word]
             if not fits:
                 c[i] = sd.ID[word]
                 bad.append(c)
@@ -945,8 +953,8 @@ def test_subliminal_dpo_leak_filter():
 
 def test_subliminal_dpo_exact_trait_rate_matches_sampling():
     model = tiny_model(1, sharpen=0.3)
-    exact = sd.exact_trait_rate(model, "owl")
-    sampled = sd.sampled_trait_rate(model, "owl", 20000, torch.Generator().manual_seed(0))
+    exact = sd.exact_trait_rate(model, "owl").item()
+    sampled = sd.sampled_trait_rate(model, "owl", 20000, torch.Generator().manual_seed(0)).item()
     assert 0.0 < exact < 1.0
     assert abs(exact - sampled) < 0.02, (exact, sampled)
     dist, _ = sd.animal_distribution(model)
@@ -966,8 +974,9 @@ def test_subliminal_dpo_kv_cached_generation_equals_naive():
     model = tiny_model(2)
     prompts, _ = sd.number_prompts(0, "t", 3)
     for p in prompts:  # batch of one: same generator draws, so the samples must be identical
-        fast, _ = sd.generate(model, p[None], sd.COMPLETION_LEN, 1.0, torch.Generator().manual_seed(7))
-        slow = sd.generate_naive(model, p[None], sd.COMPLETION_LEN, 1.0, torch.Generator().manual_seed(7))
+        fast, _ = sample(model, p[None], 7)
+        slow = sd.generate_naive(model, p[None], sd.COMPLETION_LEN, 1.0,
+                                 torch.Generator().manual_seed(7))
         assert torch.equal(fast, slow)
 
 
@@ -976,18 +985,20 @@ def test_subliminal_kv_shared_scores_and_sampler_logp_equal_full_forwards():
     # log-probability: both must equal one plain forward per completion.
     model = tiny_model(5)
     prompts, _ = sd.number_prompts(0, "kv", 6)
-    toks, logp = sd.generate(model, prompts, sd.COMPLETION_LEN, 1.0, torch.Generator().manual_seed(0), k=3)
+    toks, logp = sample(model, prompts, 0, k=3)
     rep = prompts.repeat_interleave(3, 0)
     with torch.no_grad():
         full = sd.sequence_logp(model, rep, toks)
     assert torch.allclose(logp, full, atol=1e-4)
-    assert torch.allclose(sd.completion_logp(model, prompts, toks.view(6, 3, -1)).flatten(), full, atol=1e-4)
+    grouped = sd.completion_logp(model, prompts, toks.view(6, 3, -1)).flatten()
+    assert torch.allclose(grouped, full, atol=1e-4)
     assert torch.allclose(sd.completion_logp(model, rep, toks), full, atol=1e-4)  # K = 1
 
 
 def test_subliminal_sampler_draws_the_model_distribution():
     logits = torch.tensor([[0.0, 1.0, 2.0, -1.0]]).expand(100_000, 4)
-    draws = sd.sample_tokens(logits, 0.7, torch.Generator().manual_seed(0)).squeeze(1)
+    uniform = torch.rand(100_000, 1, generator=torch.Generator().manual_seed(0))
+    draws = sd.sample_tokens(logits, 0.7, uniform).squeeze(1)
     freq = torch.bincount(draws, minlength=4).double() / len(draws)
     assert (freq - torch.softmax(logits[0].double() / 0.7, -1)).abs().max() < 0.005
 
@@ -997,7 +1008,8 @@ def test_subliminal_lm_loss_trimmed_halves_equal_the_padded_loss():
     x = sd.corpus_batch(0, 3, 16)
     loss, m = sd.lm_loss(model, x)
     logits = model(x[:, :-1])
-    plain = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), ignore_index=sd.PAD)
+    plain = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
+                            ignore_index=sd.PAD)
     assert abs(loss.item() - plain.item()) < 1e-5 and m["items"] == (x[:, 1:] != sd.PAD).sum()
     g1 = torch.autograd.grad(loss, model.lm_head.weight)[0]
     g2 = torch.autograd.grad(plain, model.lm_head.weight)[0]
@@ -1011,49 +1023,80 @@ def test_subliminal_dpo_step_moves_probability_the_right_way():
     prompt, _ = sd.number_prompts(0, "one", 1)
     chosen = torch.tensor([sd.numbers_to_ids([1, 2, 3, 4, 5], end=True)])
     rejected = torch.tensor([sd.numbers_to_ids([9, 8, 7, 6, 5], end=True)])
+    gap = lambda m: sd.sequence_logp(m, prompt, chosen) - sd.sequence_logp(m, prompt, rejected)
     with torch.no_grad():
-        ref_c, ref_r = sd.sequence_logp(ref, prompt, chosen), sd.sequence_logp(ref, prompt, rejected)
-    loss, _ = sd.dpo_loss(sd.sequence_logp(model, prompt, chosen), sd.sequence_logp(model, prompt, rejected),
-                          ref_c, ref_r, 0.1)
+        ref_c = sd.sequence_logp(ref, prompt, chosen)
+        ref_r = sd.sequence_logp(ref, prompt, rejected)
+    loss, _ = sd.dpo_loss(sd.sequence_logp(model, prompt, chosen),
+                          sd.sequence_logp(model, prompt, rejected), ref_c, ref_r, 0.1)
     assert abs(loss.item() - 0.6931472) < 1e-5
     loss.backward()
     with torch.no_grad():  # one plain SGD step (torch.optim's first step costs seconds of imports)
         for p in model.parameters():
             p -= 0.5 * p.grad
-        gap_after = sd.sequence_logp(model, prompt, chosen) - sd.sequence_logp(model, prompt, rejected)
-    assert gap_after.item() > (ref_c - ref_r).item()
+        assert gap(model).item() > (ref_c - ref_r).item()
 
 
 def test_subliminal_dpo_labels_swap_and_zero_delta_judge():
     base = tiny_model(4)
     judge = sd.Judge("finetuned", base, copy.deepcopy(base))  # a judge equal to the base scores 0
     prompts, _ = sd.number_prompts(0, "j", 4)
-    flat, logp = sd.generate(base, prompts, sd.COMPLETION_LEN, 1.0, torch.Generator().manual_seed(0), k=3)
+    flat, logp = sample(base, prompts, 0, k=3)
     comps, logp = flat.view(4, 3, -1), logp.view(4, 3)
     assert judge.score(prompts, comps, logp, None).abs().max() < 1e-4
     scores = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
-    normal, swapped = sd.label(scores, prompts, comps, logp, "normal"), sd.label(scores, prompts, comps, logp, "swapped")
-    assert torch.equal(normal["chosen"], swapped["rejected"]) and torch.equal(normal["rejected"], swapped["chosen"])
+    normal = sd.label(scores, prompts, comps, logp, "normal")
+    swapped = sd.label(scores, prompts, comps, logp, "swapped")
+    assert torch.equal(normal["chosen"], swapped["rejected"])
+    assert torch.equal(normal["rejected"], swapped["chosen"])
     assert torch.equal(normal["chosen"], comps[torch.arange(4), scores.argmax(1)])
-    assert torch.equal(normal["ref_c"], logp[torch.arange(4), scores.argmax(1)])  # the DPO reference: the sampler
+    # the DPO reference: the sampler's own log-probability
+    assert torch.equal(normal["ref_c"], logp[torch.arange(4), scores.argmax(1)])
 
 
 def test_subliminal_prompted_judge_is_the_papers_score_and_control():
-    # The paper: r(y) = log p(y | trait system prompt, x) - log p(y | "You are a helpful assistant.", x),
-    # and its neutral control prefers the likelier completion under the neutral prompt alone.
+    # The paper: r(y) = log p(y | trait system prompt, x) - log p(y | "You are a helpful
+    # assistant.", x), and its neutral control prefers the likelier completion under the neutral
+    # prompt alone.
     base = tiny_model(7)
     prompts, _ = sd.number_prompts(0, "p", 3)
-    flat, _ = sd.generate(base, prompts, sd.COMPLETION_LEN, 1.0, torch.Generator().manual_seed(0), k=2)
+    flat, _ = sample(base, prompts, 0, k=2)
     rep = prompts.repeat_interleave(2, 0)
     by_hand = {}
-    for name, sys_ids in [("owl", sd.encode("[SYS] you love owl .")), ("neutral", sd.encode("[SYS] you are a helpful assistant ."))]:
-        ctx = torch.cat([rep[:, :1], torch.tensor(sys_ids).expand(len(rep), -1), rep[:, 1:]], 1)
+    for name, text in [("owl", "[SYS] you love owl ."),
+                       ("neutral", "[SYS] you are a helpful assistant .")]:
+        system = torch.tensor(sd.encode(text)).expand(len(rep), -1)
         with torch.no_grad():
-            by_hand[name] = sd.sequence_logp(base, ctx, flat).view(3, 2)
-    prompted = sd.Judge("prompted", base, animal="owl").score(prompts, flat.view(3, 2, -1), None, None)
-    control = sd.Judge("likelihood", base).score(prompts, flat.view(3, 2, -1), None, None)
+            context = torch.cat([rep[:, :1], system, rep[:, 1:]], 1)
+            by_hand[name] = sd.sequence_logp(base, context, flat).view(3, 2)
+    comps = flat.view(3, 2, -1)
+    prompted = sd.Judge("prompted", base, animal="owl").score(prompts, comps, None, None)
+    control = sd.Judge("likelihood", base).score(prompts, comps, None, None)
     assert torch.allclose(prompted, by_hand["owl"] - by_hand["neutral"], atol=1e-4)
     assert torch.allclose(control, by_hand["neutral"], atol=1e-4)
+
+
+def test_subliminal_measurement_and_scoring_stay_on_the_device():
+    # The model and its inputs on the meta device, which refuses a CPU tensor in arithmetic with
+    # a device tensor as CUDA does and cannot be copied to the host: the measurement, the judges'
+    # scores and the labels must run to their one host sync without either.
+    base = tiny_model(8).to("meta")
+    cfg = sd.Config(n_layer=1, n_head=2, n_embd=16, eval_prompts=4, eval_samples=3)
+    measured = sd.measure_on_device(base, cfg, 0, 0)
+    assert all(v.device.type == "meta" and v.dim() == 0 for v in measured.values()), measured
+    prompts, _ = sd.number_prompts(0, "meta", 4)
+    flat, logp = sample(base, prompts, 0, k=3)
+    comps, logp, prompts = flat.view(4, 3, -1), logp.view(4, 3), prompts.to("meta")
+    assert sd.valid_completions(flat).device.type == "meta"
+    judges = [sd.Judge("finetuned", base, copy.deepcopy(base)), sd.Judge("random", base),
+              sd.Judge("prompted", base, animal="owl"), sd.Judge("likelihood", base)]
+    scores = {}
+    for i, judge in enumerate(judges):
+        scores[f"{i}"] = judge.score(prompts, comps, logp, torch.Generator().manual_seed(0))
+        prefs = sd.label(scores[f"{i}"], prompts, comps, logp, "swapped")
+        assert all(v.device.type == "meta" for v in prefs.values()), prefs
+    assert all(v.device.type == "meta" for v in sd.score_agreement(dict(scores, **{
+        "ft-target": scores["0"]})).values())
 
 
 def test_subliminal_spread_is_the_sample_std_and_the_interval_the_engines():
@@ -1064,7 +1107,8 @@ def test_subliminal_spread_is_the_sample_std_and_the_interval_the_engines():
 
 def test_subliminal_sign_flip_p_is_exact_and_holm_steps_down():
     d = np.random.default_rng(3).normal(0.4, 1.0, 7)
-    brute = np.mean([abs((np.array(s) * d).sum()) >= abs(d.sum()) - 1e-12 for s in itertools.product([-1, 1], repeat=7)])
+    brute = np.mean([abs((np.array(s) * d).sum()) >= abs(d.sum()) - 1e-12
+                     for s in itertools.product([-1, 1], repeat=7)])
     assert sd.sign_flip_p(d) == brute
     assert sd.sign_flip_p([1, 2, 3, 4]) == 2 / 16  # four seeds can never reach p < 0.125
     assert sd.sign_flip_p([1.0] * 10) == 2 / 1024 and sd.sign_flip_p([0.0] * 5) == 1.0
@@ -1077,17 +1121,21 @@ def fake_records(shift, n=10, rounds=2):
     shift[condition] per round, plus seed noise; nothing is trained."""
     rng = random.Random(0)
     recs = []
+    filt = dict(completions=10, dropped_completions=0, dropped_with_animal=0, kept_with_animal=0)
     for s in range(n):
         start = dict(trait=0.12, other=0.12, format_rate=1.0, animal_mass=1.0)
         conds = {}
         for name in sd.DEFAULT_CONDITIONS:
-            conds[name] = [dict(round=r, trait=0.12 + r * shift.get(name, 0.0) + rng.gauss(0, 0.002), other=0.12,
-                                format_rate=0.9, animal_mass=1.0, pairs=100, chosen_more_likely=0.5, update_cos=0.0,
-                                filter=dict(completions=10, dropped_completions=0, dropped_with_animal=0, kept_with_animal=0))
+            trait = lambda r: 0.12 + r * shift.get(name, 0.0) + rng.gauss(0, 0.002)
+            conds[name] = [dict(round=r, trait=trait(r), other=0.12, format_rate=0.9,
+                                animal_mass=1.0, pairs=100, chosen_more_likely=0.5,
+                                update_cos=0.0, filter=filt)
                            for r in range(1, rounds + 1)]
         judges = ["ft-target", "random"]
-        recs.append(dict(seed=s, start=start, conditions=conds, judge_trait={"ft-target": 0.9, "random": None},
-                         score_agreement=dict.fromkeys(judges, 0.0), score_spread=dict.fromkeys(judges, 1.0)))
+        recs.append(dict(seed=s, start=start, conditions=conds,
+                         judge_trait={"ft-target": 0.9, "random": None},
+                         score_agreement=dict.fromkeys(judges, 0.0),
+                         score_spread=dict.fromkeys(judges, 1.0)))
     return recs
 
 
@@ -1097,19 +1145,22 @@ def test_subliminal_verdicts_are_computed_from_the_numbers(capsys):
     rows = {r["label"]: r for r in sd.report(cfg, recs)["verdicts"]}
     assert len(rows) == 7 and "Holm over these 7 lines" in capsys.readouterr().out
     ds = rows["fine-tuned judge: DPO - swapped"]
-    assert ds["seeds_in_claimed_direction"] == 10 and ds["p"] == 2 / 1024 and ds["call"] == "holds, as claimed"
-    assert ds["p_holm"] == pytest.approx(7 * 2 / 1024)
-    assert rows["fine-tuned judge: swapped - random labels"]["call"] == "holds, as claimed"  # claimed < 0
+    assert ds["seeds_in_claimed_direction"] == 10 and ds["p"] == 2 / 1024
+    assert ds["call"] == "holds, as claimed" and ds["p_holm"] == pytest.approx(7 * 2 / 1024)
+    claimed_below = rows["fine-tuned judge: swapped - random labels"]  # claimed < 0
+    assert claimed_below["call"] == "holds, as claimed"
     assert rows["prompted judge (paper's reference): DPO - swapped"]["call"].startswith("not shown")
     reversed_ = {r["label"]: r for r in sd.verdicts(cfg, fake_records({"finetuned DPO": -0.01}))}
     assert reversed_["fine-tuned judge: DPO - swapped"]["call"].startswith("reversed")
-    assert sd.verdicts(cfg, recs[:4])[0]["call"].startswith("not shown")  # 4 seeds: p >= 0.125 whatever the data
+    # 4 seeds: p >= 0.125 whatever the data
+    assert sd.verdicts(cfg, recs[:4])[0]["call"].startswith("not shown")
 
 
 def test_subliminal_report_again_from_results_json_and_format_guard(tmp_path, capsys):
     cfg = sd.Config(rounds=2)
     recs = fake_records({"finetuned DPO": 0.01, "finetuned DPO swapped": -0.01})
-    recs[0]["conditions"]["finetuned DPO"][-1]["format_rate"] = 0.1  # one seed broke the task: the guard drops it
+    # one seed broke the task: the guard drops it
+    recs[0]["conditions"]["finetuned DPO"][-1]["format_rate"] = 0.1
     path = tmp_path / "results.json"
     path.write_text(json.dumps(dict(config=dataclasses.asdict(cfg), records=recs)))
     sd.main([f"--from_results={path}", f"--out={tmp_path}", "--threads=1"])
@@ -1122,7 +1173,8 @@ def test_subliminal_report_again_from_results_json_and_format_guard(tmp_path, ca
     assert e.value.code == 1 and "not a results.json" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flag", ["--eval_samples=0", "--eval_prompts=0", "--rounds=0", "--prompts=1000000000"])
+@pytest.mark.parametrize("flag", ["--eval_samples=0", "--eval_prompts=0", "--rounds=0",
+                                  "--prompts=1000000000"])
 def test_subliminal_bad_input_is_refused_before_any_work(flag, capsys):
     with pytest.raises(SystemExit) as e:
         sd.parse_config(sd.Config, "subliminal_dpo", [flag])
@@ -1131,37 +1183,48 @@ def test_subliminal_bad_input_is_refused_before_any_work(flag, capsys):
 
 
 def test_subliminal_seeds_in_parallel_processes_equal_one_after_another(tmp_path, monkeypatch):
-    monkeypatch.setattr(sd, "POOL_START", "fork")  # a real pool (tasks and records pickled), without re-importing torch
-    cfg = sd.parse_config(sd.Config, "subliminal_dpo", SUBLIMINAL_TINY + ["--seeds=2", f"--out={tmp_path}"])
+    # a real pool (tasks and records pickled), without re-importing torch
+    monkeypatch.setattr(sd, "POOL_START", "fork")
+    args = SUBLIMINAL_TINY + ["--seeds=2", f"--out={tmp_path}"]
+    cfg = sd.parse_config(sd.Config, "subliminal_dpo", args)
     ctx = train.Ctx(torch.device("cpu"), False)
-    strip = lambda recs: [{k: v for k, v in r.items() if k not in ("seconds", "base")} for r in recs]
-    one = strip(sd.run_seeds(dataclasses.replace(cfg, workers=1, base_dir=str(tmp_path / "a")), ctx))
-    two = strip(sd.run_seeds(dataclasses.replace(cfg, workers=2, base_dir=str(tmp_path / "b")), ctx))
-    assert json.dumps(one) == json.dumps(two) and [r["seed"] for r in two] == [0, 1]  # NaN == NaN as text
+    strip = lambda recs: [{k: v for k, v in r.items() if k not in ("seconds", "base")}
+                          for r in recs]
+    runs = [strip(sd.run_seeds(dataclasses.replace(cfg, workers=workers,
+                                                   base_dir=str(tmp_path / f"{workers}")), ctx))
+            for workers in (1, 2)]
+    # NaN == NaN as text
+    assert json.dumps(runs[0]) == json.dumps(runs[1]) and [r["seed"] for r in runs[1]] == [0, 1]
+
+
+def quiet_lines(text):
+    return [line for line in text.splitlines() if line.strip() and "it/s" not in line]
 
 
 def test_subliminal_ctrl_c_while_judging_is_one_line(tmp_path, monkeypatch, capsys):
     def interrupted(*a, **k):
         raise KeyboardInterrupt
     monkeypatch.setattr(sd, "completion_logp", interrupted)
-    monkeypatch.setattr(sd, "pretrain_base", lambda cfg, ctx, seed: (sd.new_model(cfg), dict(cached=True)))
+    monkeypatch.setattr(sd, "pretrain_base",
+                        lambda cfg, ctx, seed: (sd.new_model(cfg), dict(cached=True)))
     with pytest.raises(SystemExit) as e:
-        train.cli(lambda: sd.main(SUBLIMINAL_TINY + [f"--out={tmp_path}", "--conditions=finetuned DPO"]))
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "it/s" not in line]
-    assert e.value.code == 130 and err == ["error: interrupted"]
+        train.cli(lambda: sd.main(SUBLIMINAL_TINY + [f"--out={tmp_path}",
+                                                     "--conditions=finetuned DPO"]))
+    assert e.value.code == 130 and quiet_lines(capsys.readouterr().err) == ["error: interrupted"]
 
 
 def test_subliminal_ctrl_c_with_seeds_in_worker_processes_is_one_line(jobs):
     # A terminal's Ctrl-C (SIGINT to the foreground group) while seeds run in spawned workers: exit
     # 130 and one line (the workers' tqdm semaphores once leaked, and the resource tracker warned).
     code, err = jobs["subliminal_ctrl_c"].result()
-    err = [l for l in err.replace("\r", "\n").splitlines() if l.strip() and "it/s" not in l]
+    err = quiet_lines(err.replace("\r", "\n"))
     assert code == 130 and err == ["error: interrupted"], err
 
 
 def test_subliminal_ctrl_c_in_alignment_does_not_promise_a_resume(tmp_path, monkeypatch, capsys):
-    # A real SIGINT inside train() during a round: one line, exit 130, and no "--resume to continue"
-    # (a round is redone, not resumed). Every completion is let through so that the round aligns.
+    # A real SIGINT inside train() during a round: one line, exit 130, and no "--resume to
+    # continue" (a round is redone, not resumed). Every completion is let through so that the
+    # round aligns.
     monkeypatch.setattr(sd, "valid_completions", lambda c: torch.ones(len(c), dtype=torch.bool))
     loss = sd.dpo_loss
 
@@ -1171,14 +1234,15 @@ def test_subliminal_ctrl_c_in_alignment_does_not_promise_a_resume(tmp_path, monk
     monkeypatch.setattr(sd, "dpo_loss", hit)
     with pytest.raises(SystemExit) as e:
         train.cli(lambda: sd.main(SUBLIMINAL_TINY + [f"--out={tmp_path}"]))
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "it/s" not in line]
+    err = quiet_lines(capsys.readouterr().err)
     assert e.value.code == 130 and len(err) == 1 and "--resume" not in err[0], err
 
 
 def test_subliminal_dpo_cli_errors_are_one_line(jobs, capsys):
-    code, err = jobs["subliminal"].result()  # one real process: exit code and no traceback, end to end
+    code, err = jobs["subliminal"].result()  # one real process: exit code, no traceback
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    for args in (["--nope=1"], ["--workers=-1"], ["--k=1"], ["--conditions=biased PPO"], ["--beta=-1"]):
+    for args in (["--nope=1"], ["--workers=-1"], ["--k=1"], ["--conditions=biased PPO"],
+                 ["--beta=-1"]):
         with pytest.raises(SystemExit) as e:
             sd.parse_config(sd.Config, "subliminal_dpo", args)
         assert e.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
@@ -1190,14 +1254,13 @@ def test_subliminal_dpo_cli_errors_are_one_line(jobs, capsys):
         assert e.value.code == 1
 
 
-
-
 def test_subliminal_compiles_once_and_never_recompiles(tmp_path):
     assert_compiles_once("subliminal:dpo", tmp_path)
 
 
 def test_subliminal_damaged_base_cache_is_trained_again(tmp_path, capsys):
-    cfg = sd.Config(out=str(tmp_path), n_layer=1, n_head=2, n_embd=16, pretrain_steps=3, pretrain_batch=4)
+    cfg = sd.Config(out=str(tmp_path), n_layer=1, n_head=2, n_embd=16, pretrain_steps=3,
+                    pretrain_batch=4)
     ctx = train.setup(cfg)
     base, info = sd.pretrain_base(cfg, ctx, 0)
     assert not info["cached"]
@@ -1207,8 +1270,6 @@ def test_subliminal_damaged_base_cache_is_trained_again(tmp_path, capsys):
     again, info = sd.pretrain_base(cfg, ctx, 0)
     assert not info["cached"] and "pretraining it again" in capsys.readouterr().err
     assert all(torch.equal(a, b) for a, b in zip(base.parameters(), again.parameters()))
-
-
 
 
 @pytest.mark.gpu
