@@ -1281,11 +1281,13 @@ def test_subliminal_gpu_command_line_runs_evaluates_and_resumes(tmp_path):
 # ---- fisher_ood.py
 
 FO_ROOT = Path(fo.__file__).resolve().parent
+FO_TINY = ["--hidden=8", "--latent=2", "--max_steps=2", "--warmup=1", "--batch_size=16",
+           "--threads=1"]
 
 
 def fo_tiny(kind, seed=0):
-    """A 16-wide model of each kind; the flow's output layers are redrawn larger so every tensor has a
-    gradient well away from zero (the default init starts the flow near the identity)."""
+    """A 16-wide model of each kind; the flow's output layers are redrawn larger so every tensor
+    has a gradient well away from zero (the default init starts the flow near the identity)."""
     cfg = fo.Config(hidden=16, latent=4, couplings=2, n_test=40, n_ood=20, seed=seed)
     torch.manual_seed(seed)
     model = fo.build(kind, cfg).eval()
@@ -1306,62 +1308,99 @@ def test_fisher_fast_vmap_loop_agree(kind):
     model = fo_tiny(kind)
     x, noise = fo_inputs(model)
     fast, losses = fo.fast_sq_norms(model, x, noise, (1, 5))
-    vm = fo.vmap_sq_norms(model, x, noise, (1, 5))
+    vmapped = fo.vmap_sq_norms(model, x, noise, (1, 5))
     loop = fo.loop_sq_norms(model, x, noise, (1, 5))
     assert fast[1].shape == (10, len(list(model.parameters()))) and fast[5].shape[0] == 2
     assert (loop[1] > 0).all()
     for B in (1, 5):
         torch.testing.assert_close(fast[B], loop[B], rtol=1e-4, atol=1e-12)
-        torch.testing.assert_close(vm[B], loop[B], rtol=1e-4, atol=1e-12)
-    torch.testing.assert_close(losses, model(x, noise).detach())  # the losses are deterministic given the noise
+        torch.testing.assert_close(vmapped[B], loop[B], rtol=1e-4, atol=1e-12)
+    # the losses are deterministic given the noise
+    torch.testing.assert_close(losses, model(x, noise).detach())
 
 
 def test_fisher_group_feature_is_norm_of_summed_gradient():
     model = fo_tiny("vae")
     x, noise = fo_inputs(model)
     params = [p for _, p in model.named_parameters()]
-    per_example = [torch.autograd.grad(model(x[i:i + 1], noise[i:i + 1]).sum(), params) for i in range(10)]
+    per_example = [torch.autograd.grad(model(x[i:i + 1], noise[i:i + 1]).sum(), params)
+                   for i in range(10)]
     fast, _ = fo.fast_sq_norms(model, x, noise, (1, 5))
-    for g in range(2):
-        summed = [sum(per_example[i][k] for i in range(5 * g, 5 * g + 5)) for k in range(len(params))]
+    for group in range(2):
+        members = range(5 * group, 5 * group + 5)
+        summed = [sum(per_example[i][k] for i in members) for k in range(len(params))]
         norm_of_sum = torch.stack([s.pow(2).sum() for s in summed])
-        sum_of_norms = fast[1][5 * g:5 * g + 5].sum(0)
-        torch.testing.assert_close(fast[5][g], norm_of_sum, rtol=1e-4, atol=1e-12)
-        assert ((fast[5][g] - sum_of_norms).abs() / sum_of_norms > 1e-3).any()  # not the sum of the norms
+        sum_of_norms = fast[1][5 * group:5 * group + 5].sum(0)
+        torch.testing.assert_close(fast[5][group], norm_of_sum, rtol=1e-4, atol=1e-12)
+        # not the sum of the norms
+        assert ((fast[5][group] - sum_of_norms).abs() / sum_of_norms > 1e-3).any()
+
+
+class FoBare(nn.Module):
+    """A loss whose only parameter lives outside any Linear: the fast path refuses it."""
+
+    def __init__(self):
+        super().__init__()
+        self.mu = nn.Parameter(torch.zeros(3))
+
+    def draw_noise(self, n, generator=None):
+        return torch.zeros(n, 1)
+
+    def forward(self, x, noise):
+        return 0.5 * (x - self.mu).pow(2).sum(1)
 
 
 def test_fisher_non_linear_parameters_use_vmap_fallback():
-    class Bare(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.mu = nn.Parameter(torch.zeros(3))
-
-        def draw_noise(self, n, g=None):
-            return torch.zeros(n, 1)
-
-        def forward(self, x, noise):
-            return 0.5 * (x - self.mu).pow(2).sum(1)
-
     with pytest.raises(NotImplementedError):
-        fo.fast_sq_norms(Bare(), torch.zeros(2, 3), torch.zeros(2, 1))
+        fo.fast_sq_norms(FoBare(), torch.zeros(2, 3), torch.zeros(2, 1))
     # scoring falls back to vmap for such a model and still gives the loop's numbers
-    images = torch.randint(0, 256, (10, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
-    losses, feats = fo.score_set(Bare(), images, 0, "x", (1, 5), chunk=10)
-    loop = fo.loop_sq_norms(Bare(), images.float() / 255, torch.zeros(10, 1), (1, 5))
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (10, 3), generator=generator, dtype=torch.uint8)
+    losses, features = fo.score_set(FoBare(), images, 0, "x", (1, 5), chunk=10)
+    loop = fo.loop_sq_norms(FoBare(), images.float() / 255, torch.zeros(10, 1), (1, 5))
     for B in (1, 5):
-        torch.testing.assert_close(feats[B], loop[B].double(), rtol=1e-5, atol=1e-12)
-    torch.testing.assert_close(losses, Bare()(images.float() / 255, None).double())
+        torch.testing.assert_close(features[B], loop[B].double(), rtol=1e-5, atol=1e-12)
+    torch.testing.assert_close(losses, FoBare()(images.float() / 255, None).double())
+
+
+@pytest.mark.parametrize("kind", fo.MODELS)
+def test_fisher_scoring_stays_on_the_device(kind):
+    # The meta device refuses to mix with CPU tensors as CUDA does: the scoring path (noise draws,
+    # per-example norms, losses, the timestep table) runs on the model's device up to its one sync.
+    model = fo_tiny(kind).to("meta")
+    images = fo.make_set("test", 10, 0)
+    losses, features = fo.device_scores(model, images, 0, "x", (1, 5), chunk=5, draws=2)
+    assert losses.device.type == "meta" and losses.shape == (10,)
+    parameters = len(list(model.parameters()))
+    assert {B: (f.device.type, f.shape) for B, f in features.items()} == {
+        1: ("meta", (10, parameters)), 5: ("meta", (2, parameters))}
+    if kind == "diffusion":
+        table = fo.device_timestep_table(model, images, 0)
+        assert len(table) == 4 * len(fo.TIMESTEPS)
+        assert all(v.device.type == "meta" and v.dim() == 0 for v in table.values())
+
+
+def test_fisher_loop_norms_of_an_unused_parameter_stay_on_the_device():
+    # an unused parameter's zero was a CPU tensor stacked with the device's norms
+    model = FoBare()
+    model.unused = nn.Parameter(torch.ones(2))
+    model = model.to("meta")
+    x = torch.zeros(4, 3, device="meta")
+    norms = fo.loop_sq_norms(model, x, torch.zeros(4, 1, device="meta"), (1, 2))
+    assert norms[1].device.type == "meta" and norms[2].shape == (2, 2)
 
 
 def fo_ks_pvalue(samples, cdf):
-    """One-sample Kolmogorov-Smirnov test: statistic and asymptotic p-value (Stephens' correction)."""
+    """One-sample Kolmogorov-Smirnov test: statistic and asymptotic p-value (Stephens'
+    correction)."""
     x = np.sort(samples)
     n = len(x)
-    F = cdf(x)
-    d = max((np.arange(1, n + 1) / n - F).max(), (F - np.arange(n) / n).max())
-    lam = (math.sqrt(n) + 0.12 + 0.11 / math.sqrt(n)) * d
+    expected = cdf(x)
+    distance = max((np.arange(1, n + 1) / n - expected).max(),
+                   (expected - np.arange(n) / n).max())
+    lam = (math.sqrt(n) + 0.12 + 0.11 / math.sqrt(n)) * distance
     p = 2 * sum((-1) ** (k - 1) * math.exp(-2 * k * k * lam * lam) for k in range(1, 101))
-    return d, min(max(p, 0.0), 1.0)
+    return distance, min(max(p, 0.0), 1.0)
 
 
 def test_fisher_gaussian_mean_score_norm_is_chi2():
@@ -1376,12 +1415,17 @@ def test_fisher_gaussian_mean_score_norm_is_chi2():
 
     d, n = 20, 2000
     model = GaussianMean(d)
-    x = model.mu.detach() + torch.randn(n, d, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
-    sq = fo.vmap_sq_norms(model, x, torch.zeros(n, 1), (1,), chunk_size=512)[1][:, 0].double().numpy()
+    generator = torch.Generator().manual_seed(0)
+    x = model.mu.detach() + torch.randn(n, d, generator=generator, dtype=torch.float32)
+    sq = fo.vmap_sq_norms(model, x, torch.zeros(n, 1), (1,), chunk_size=512)[1][:, 0]
+    sq = sq.double().numpy()
     torch.testing.assert_close(torch.from_numpy(sq[:20]).float(),
-                               fo.loop_sq_norms(model, x[:20], torch.zeros(20, 1))[1][:, 0], rtol=1e-5, atol=1e-6)
-    chi2 = lambda k: (lambda v: torch.special.gammainc(torch.tensor(k / 2.0, dtype=torch.float64),
-                                                       torch.from_numpy(v / 2.0)).numpy())
+                               fo.loop_sq_norms(model, x[:20], torch.zeros(20, 1))[1][:, 0],
+                               rtol=1e-5, atol=1e-6)
+
+    def chi2(k):
+        return lambda v: torch.special.gammainc(torch.tensor(k / 2.0, dtype=torch.float64),
+                                                torch.from_numpy(v / 2.0)).numpy()
     _, p = fo_ks_pvalue(sq, chi2(d))
     assert p > 0.01, f"KS rejects chi^2({d}): p = {p}"
     assert abs(sq.mean() - d) < 4 * math.sqrt(2 * d / n)
@@ -1398,77 +1442,95 @@ def test_fisher_auroc_identities():
     assert fo.auroc(a, b) == pytest.approx(fo.auroc(np.exp(a), np.exp(b)), abs=1e-12)
     assert fo.auroc(a, b) == pytest.approx(fo.auroc(3 * a - 1, 3 * b - 1), abs=1e-12)
     assert fo.auroc(a, b) == pytest.approx(1 - fo.auroc(b, a), abs=1e-12)
-    ia, ib = rng.integers(0, 6, 80), rng.integers(0, 6, 70)  # many ties
-    brute = np.mean([(x > y) + 0.5 * (x == y) for x in ia for y in ib])
-    assert fo.auroc(ia, ib) == pytest.approx(brute, abs=1e-12)
-    assert fo.auroc(np.array([1.0, -np.inf]), np.array([np.nan, 0.0])) == 0.625  # NaN ranks with -inf
+    id_ties, ood_ties = rng.integers(0, 6, 80), rng.integers(0, 6, 70)  # many ties
+    brute = np.mean([(x > y) + 0.5 * (x == y) for x in id_ties for y in ood_ties])
+    assert fo.auroc(id_ties, ood_ties) == pytest.approx(brute, abs=1e-12)
+    # NaN ranks with -inf
+    assert fo.auroc(np.array([1.0, -np.inf]), np.array([np.nan, 0.0])) == 0.625
     assert fo.fpr_at_tpr(np.array([2.0, 3.0, 4.0]), np.array([0.0, 1.0])) == 0.0
     assert fo.fpr_at_tpr(np.array([0.0, 1.0]), np.array([2.0, 3.0])) == 1.0
     ids = np.arange(100.0)  # 95% TPR keeps ids >= 5: OOD at 4.5 is rejected, at 5 accepted
     assert fo.fpr_at_tpr(ids, np.array([4.5, 5.0])) == 0.5
 
 
+def fo_correlated_scores(rng, m=300, n=200):
+    """Two correlated detectors on the same ID images and two OOD sets."""
+    shared = {k: rng.normal(size=size) for k, size in (("eval", m), ("x", n), ("y", n))}
+    shift = dict(eval=1.0, x=0.0, y=0.3)
+    noisy = lambda v: v + 0.6 * rng.normal(size=len(v))
+    scores = {1: {k: dict(likelihood=rng.normal(size=len(v)), typicality=noisy(v + shift[k]),
+                          gradient=noisy(v + 1.3 * shift[k])) for k, v in shared.items()}}
+    return shared, scores
+
+
 def test_fisher_delong_standard_errors_match_brute_force_and_bootstrap():
     rng = np.random.default_rng(0)
-    a, b = rng.integers(0, 8, 60).astype(float), rng.integers(0, 6, 50).astype(float)  # many ties
+    a = rng.integers(0, 8, 60).astype(float)  # many ties
+    b = rng.integers(0, 6, 50).astype(float)
     v10, v01 = fo.placements(a, b)
     np.testing.assert_allclose(v10, [np.mean((x > b) + 0.5 * (x == b)) for x in a], atol=1e-12)
     np.testing.assert_allclose(v01, [np.mean((a > y) + 0.5 * (a == y)) for y in b], atol=1e-12)
-    assert v10.mean() == pytest.approx(v01.mean(), abs=1e-12) and v10.mean() == pytest.approx(fo.auroc(a, b), abs=1e-12)
-    # two correlated detectors on the same ID images and two OOD sets: DeLong against a paired bootstrap
-    m, n = 300, 200
-    shared = {k: rng.normal(size=size) for k, size in (("eval", m), ("x", n), ("y", n))}
-    shift = dict(eval=1.0, x=0.0, y=0.3)
-    scores = {1: {k: dict(likelihood=rng.normal(size=len(v)), typicality=v + shift[k] + 0.6 * rng.normal(size=len(v)),
-                          gradient=v + 1.3 * shift[k] + 0.6 * rng.normal(size=len(v))) for k, v in shared.items()}}
+    assert v10.mean() == pytest.approx(v01.mean(), abs=1e-12)
+    assert v10.mean() == pytest.approx(fo.auroc(a, b), abs=1e-12)
+    # DeLong against a paired bootstrap
+    shared, scores = fo_correlated_scores(rng)
     rows = fo.evaluate(scores, [1], ["x", "y"])
     pooled = fo.pooled_difference(rows)
     boot = []
-    for _ in range(400):  # resample the ID images and each OOD set's images, the same draw for every detector
-        idx = {k: rng.integers(0, len(v), len(v)) for k, v in shared.items()}
-        au = {(o, d): fo.auroc(scores[1]["eval"][d][idx["eval"]], scores[1][o][d][idx[o]])
+    for _ in range(400):  # resample ID and each OOD set's images, the same draw for each detector
+        index = {k: rng.integers(0, len(v), len(v)) for k, v in shared.items()}
+        au = {(o, d): fo.auroc(scores[1]["eval"][d][index["eval"]], scores[1][o][d][index[o]])
               for o in ("x", "y") for d in ("typicality", "gradient")}
         diffs = [au[(o, "gradient")] - au[(o, "typicality")] for o in ("x", "y")]
         boot.append([au[("x", "gradient")], diffs[0], np.mean(diffs)])
-    sd = np.std(boot, axis=0, ddof=1)
-    assert rows[0]["se"]["gradient"] == pytest.approx(sd[0], rel=0.2)
-    assert rows[0]["diff_se"] == pytest.approx(sd[1], rel=0.2)
-    assert pooled[1] == pytest.approx(sd[2], rel=0.2) and pooled[0] == pytest.approx(np.mean([r["diff"] for r in rows]))
+    spread = np.std(boot, axis=0, ddof=1)
+    assert rows[0]["se"]["gradient"] == pytest.approx(spread[0], rel=0.2)
+    assert rows[0]["diff_se"] == pytest.approx(spread[1], rel=0.2)
+    assert pooled[1] == pytest.approx(spread[2], rel=0.2)
+    assert pooled[0] == pytest.approx(np.mean([r["diff"] for r in rows]))
     # pairing pays: the paired error is well below the error of two independent AUROCs
-    assert rows[0]["diff_se"] < 0.8 * math.hypot(rows[0]["se"]["gradient"], rows[0]["se"]["typicality"])
-    assert fo.interval_over_seeds([0.1, 0.3], [0.0, 0.0]) == pytest.approx((0.2, 12.706 * 0.1), abs=1e-3)  # the t, not 1.96
+    independent = math.hypot(rows[0]["se"]["gradient"], rows[0]["se"]["typicality"])
+    assert rows[0]["diff_se"] < 0.8 * independent
 
 
 def fo_fake_runs(diffs, like=0.3):
-    """Runs (one per seed) of one model and 4 OOD sets whose every pairing has the given difference."""
+    """Runs (one per seed) of one model and 4 OOD sets whose every pairing has the given
+    difference."""
     rng = np.random.default_rng(0)
     runs = []
     for seed, d in enumerate(diffs):
-        rows = [dict(model="m", ood=o, B=1, auroc=dict(likelihood=like + 0.02 * seed, typicality=0.8, gradient=0.8 + d),
-                     se={k: 0.01 for k in fo.METHODS}, diff=d, diff_se=0.01,
-                     phi=(d + 0.01 * rng.normal(size=50), d + 0.01 * rng.normal(size=40))) for o in "abcd"]
+        auroc = dict(likelihood=like + 0.02 * seed, typicality=0.8, gradient=0.8 + d)
+        phi = lambda: (d + 0.01 * rng.normal(size=50), d + 0.01 * rng.normal(size=40))
+        rows = [dict(model="m", ood=o, B=1, auroc=auroc, se={k: 0.01 for k in fo.METHODS},
+                     diff=d, diff_se=0.01, phi=phi()) for o in "abcd"]
         runs.append(dict(seed=seed, rows=rows))
     return runs
 
 
 def test_fisher_verdicts_come_from_intervals_not_win_counts():
-    # the gradient score "wins" on average by 0.006 and on most seeds, but seed-to-seed noise is 0.05
-    lines, out = fo.verdicts(fo.summarise(fo_fake_runs([0.056, -0.044, 0.056, -0.044, 0.006])), [1])
-    assert out["mean_difference"]["all"]["verdict"] == "indistinguishable" and not out["most_pairings"]
+    # the gradient score "wins" on average by 0.006 and on most seeds, but seed noise is 0.05
+    runs = fo_fake_runs([0.056, -0.044, 0.056, -0.044, 0.006])
+    lines, out = fo.verdicts(fo.summarise(runs), [1])
+    assert out["mean_difference"]["all"]["verdict"] == "indistinguishable"
+    assert not out["most_pairings"]
     assert out["pairing_verdicts"] == dict(better=0, worse=0, indistinguishable=4)
-    assert "INDISTINGUISHABLE" in lines[1] and lines[2].startswith("Gradient better") and "NO" in lines[2]
+    assert "INDISTINGUISHABLE" in lines[1] and lines[2].startswith("Gradient better")
+    assert "NO" in lines[2]
     assert out["nalisnick"] and out["likelihood_below_chance"] == ["m/a", "m/b", "m/c", "m/d"]
     lines, out = fo.verdicts(fo.summarise(fo_fake_runs([0.05, 0.052, 0.048], like=0.47)), [1])
-    assert out["mean_difference"]["all"]["verdict"] == "better" and out["most_pairings"] and not out["nalisnick"]
-    # one seed: the DeLong interval of that seed, +-1.96 SE
-    s = fo.summarise(fo_fake_runs([0.05]))
-    assert s["pairings"][0]["diff"] == pytest.approx((0.05, 1.96 * 0.01), rel=1e-3)
+    assert out["mean_difference"]["all"]["verdict"] == "better"
+    assert out["most_pairings"] and not out["nalisnick"]
+    # one seed: the DeLong interval of that seed, +-1.96 SE; two: the engine's t (12.7), not 1.96
+    summary = fo.summarise(fo_fake_runs([0.05]))
+    assert summary["pairings"][0]["diff"] == pytest.approx((0.05, 1.96 * 0.01), rel=1e-3)
+    summary = fo.summarise(fo_fake_runs([0.1, 0.3]))
+    assert summary["pairings"][0]["diff"] == pytest.approx((0.2, 12.706 * 0.1), abs=1e-3)
 
 
 def test_fisher_noise_draws_average_the_loss_and_its_gradient():
     model = fo_tiny("vae")
     images = fo.make_set("test", 10, 0)
-    losses, feats = fo.score_set(model, images, 0, "s", (1, 5), chunk=5, draws=3)
+    losses, features = fo.score_set(model, images, 0, "s", (1, 5), chunk=5, draws=3)
     x = images.float() / 255
     noise = model.draw_noise(30, fo.stream(0, "noise/s")).reshape(10, 3, -1)
     params = list(model.parameters())
@@ -1476,118 +1538,132 @@ def test_fisher_noise_draws_average_the_loss_and_its_gradient():
     def sq_norms(loss):
         return torch.stack([g.pow(2).sum() for g in torch.autograd.grad(loss, params)]).double()
 
-    for i in (0, 7):  # example i's feature = squared norm of the gradient of its loss averaged over 3 draws
+    # example i's feature = squared norm of the gradient of its loss averaged over 3 draws
+    for i in (0, 7):
         mean_loss = model(x[i].expand(3, -1), noise[i]).mean()
-        torch.testing.assert_close(feats[1][i], sq_norms(mean_loss), rtol=1e-4, atol=1e-12)
+        torch.testing.assert_close(features[1][i], sq_norms(mean_loss), rtol=1e-4, atol=1e-12)
         assert losses[i].item() == pytest.approx(mean_loss.item(), rel=1e-5)
     group = sum(model(x[i].expand(3, -1), noise[i]).mean() for i in range(5, 10))
-    torch.testing.assert_close(feats[5][1], sq_norms(group), rtol=1e-4, atol=1e-12)
+    torch.testing.assert_close(features[5][1], sq_norms(group), rtol=1e-4, atol=1e-12)
 
 
 def test_fisher_diffusion_timestep_rule_and_trivial_predictors():
-    rows = [dict(t=0, denoiser=0.82, linear=0.80, retest=0.99), dict(t=50, denoiser=0.6, linear=0.7, retest=0.3),
+    rows = [dict(t=0, denoiser=0.82, linear=0.80, retest=0.99),
+            dict(t=50, denoiser=0.6, linear=0.7, retest=0.3),
             dict(t=200, denoiser=0.25, linear=0.39, retest=0.9)]
     assert fo.pick_timestep(rows) == 200  # t = 0 is the most reliable but the denoiser loses there
     rows[2]["denoiser"] = 0.5
     assert fo.pick_timestep(rows) == 50
     rows[1]["denoiser"] = 0.71
     assert fo.pick_timestep(rows) == 50  # beaten everywhere: the closest
-    # a denoiser that predicts eps = 0 has exactly the zero predictor's error; the linear one beats it at large t
+    # a denoiser that predicts eps = 0 has exactly the zero predictor's error; the linear one
+    # beats it at large t
     model = fo_tiny("diffusion")
     with torch.no_grad():
         for p in (*model.out.parameters(), *model.gate.parameters()):
             p.zero_()
     table = {r["t"]: r for r in fo.timestep_table(model, fo.make_set("test", 50, 0), 0)}
     assert all(r["denoiser"] == pytest.approx(r["zero"], rel=1e-5) for r in table.values())
-    assert table[999]["linear"] < 0.1 * table[999]["zero"] and table[0]["linear"] == pytest.approx(table[0]["zero"], rel=0.05)
+    assert table[999]["linear"] < 0.1 * table[999]["zero"]
+    assert table[0]["linear"] == pytest.approx(table[0]["zero"], rel=0.05)
 
 
 def test_fisher_real_data_run_end_to_end_on_generated_idx_files(tmp_path, monkeypatch, capsys):
     import gzip, hashlib
+    (tmp_path / "data").mkdir()
     for name, n in [("fashionmnist-train", 60), ("fashionmnist-test", 40), ("mnist-test", 40)]:
-        imgs = fo.make_set("test" if name.startswith("fashion") else "strokes", n, 7)
-        raw = gzip.compress(b"".join(v.to_bytes(4, "big") for v in (0x803, n, 28, 28)) + imgs.numpy().tobytes())
-        (tmp_path / "data").mkdir(exist_ok=True)
+        images = fo.make_set("test" if name.startswith("fashion") else "strokes", n, 7)
+        header = b"".join(v.to_bytes(4, "big") for v in (0x803, n, 28, 28))
+        raw = gzip.compress(header + images.numpy().tobytes())
         (tmp_path / "data" / f"{name}.gz").write_bytes(raw)
         stand_in = ("http://127.0.0.1:9/never-fetched.gz", "md5:" + hashlib.md5(raw).hexdigest())
-        monkeypatch.setitem(train.DATASETS, name, stand_in)  # the pinned digests are the real files'
-    monkeypatch.setattr(fo, "save_figure", lambda path, draw: None)  # drawing is 90% of this tiny run's time
+        monkeypatch.setitem(train.DATASETS, name, stand_in)  # the pinned digests: the real files'
+    # drawing is 90% of this tiny run's time
+    monkeypatch.setattr(fo, "save_figure", lambda path, draw: None)
     fo.load_idx.cache_clear()
-    fo.main(["--data=fashionmnist", f"--data_dir={tmp_path / 'data'}", f"--out={tmp_path / 'out'}", "--model=vae,diffusion",
-             "--hidden=8", "--latent=2", "--max_steps=3", "--warmup=1", "--batch_size=16", "--n_train=60", "--n_test=20",
-             "--n_ood=10", "--seeds=2", "--draws=2", "--threads=1"])
+    fo.main(["--data=fashionmnist", f"--data_dir={tmp_path / 'data'}", f"--out={tmp_path / 'out'}",
+             "--model=vae,diffusion", "--n_train=60", "--n_test=20",
+             "--n_ood=10", "--seeds=2", "--draws=2", *FO_TINY])
     fo.load_idx.cache_clear()
-    res = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert [r["seed"] for r in res["runs"]] == [0, 1] and res["summary"]["seeds"] == [0, 1]
-    assert {p["ood"] for p in res["summary"]["pairings"]} == {"mnist", "constant", "noise", "inverted"}
-    assert len(res["summary"]["pairings"]) == 2 * 4 * 2 and all(math.isfinite(p["diff"][0]) for p in res["summary"]["pairings"])
-    assert set(res["verdict"]["mean_difference"]) == {"all", "vae", "diffusion"}
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [r["seed"] for r in results["runs"]] == [0, 1] and results["summary"]["seeds"] == [0, 1]
+    pairings = results["summary"]["pairings"]
+    assert {p["ood"] for p in pairings} == {"mnist", "constant", "noise", "inverted"}
+    assert len(pairings) == 2 * 4 * 2 and all(math.isfinite(p["diff"][0]) for p in pairings)
+    assert set(results["verdict"]["mean_difference"]) == {"all", "vae", "diffusion"}
     out = capsys.readouterr().out
     assert "t-interval over seeds" in out and "diffusion scored at t=" in out
 
 
-def test_fisher_ctrl_c_while_scoring_or_writing_the_cache_is_one_line_exit_130(tmp_path, monkeypatch, capsys):
+def test_fisher_ctrl_c_while_scoring_or_writing_the_cache_is_one_line_exit_130(
+        tmp_path, monkeypatch, capsys):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    tiny = ["fisher_ood.py", "--model=vae", "--hidden=8", "--latent=2", "--max_steps=2", "--warmup=1", "--batch_size=16",
-            "--n_train=32", "--n_test=20", "--n_ood=10", "--threads=1"]
-    for target, name, out in [(fo, "fast_sq_norms", tmp_path / "a"), (torch, "save", tmp_path / "b")]:
-        with monkeypatch.context() as mp:
-            mp.setattr(target, name, interrupt)
-            mp.setattr(sys, "argv", tiny + [f"--out={out}"])
+    tiny = ["fisher_ood.py", "--model=vae", "--n_train=32", "--n_test=20", "--n_ood=10", *FO_TINY]
+    cases = [(fo, "fast_sq_norms", tmp_path / "a"), (torch, "save", tmp_path / "b")]
+    for target, name, out in cases:
+        with monkeypatch.context() as patch:
+            patch.setattr(target, name, interrupt)
+            patch.setattr(sys, "argv", tiny + [f"--out={out}"])
             with pytest.raises(SystemExit) as e:
                 fo.cli(fo.main)
         err = capsys.readouterr().err
-        assert e.value.code == 130 and "Traceback" not in err and err.strip().splitlines()[-1] == "error: interrupted"
-    assert list((tmp_path / "b" / "data").iterdir()) == []  # interrupted while writing: no partial shapes-*.tmp
+        assert e.value.code == 130 and "Traceback" not in err
+        assert err.strip().splitlines()[-1] == "error: interrupted"
+    # interrupted while writing: no partial shapes-*.tmp
+    assert list((tmp_path / "b" / "data").iterdir()) == []
 
 
 def test_fisher_bench_reports_speedup_and_the_backward_floor(tmp_path, capsys):
-    fo.main(["--bench", "--bench_batch=6", "--hidden=8", "--latent=2", "--model=vae,diffusion", f"--out={tmp_path}", "--threads=1"])
+    fo.main(["--bench", "--bench_batch=6", "--hidden=8", "--latent=2", "--model=vae,diffusion",
+             f"--out={tmp_path}", "--threads=1"])
     bench = json.loads((tmp_path / "bench.json").read_text())["bench"]
-    assert all(r["fast_over_backward"] > 0 and r["speedup_vs_loop"] > 0 and r["max_rel_diff_fast"] < 1e-3 for r in bench.values())
+    assert all(r["fast_over_backward"] > 0 and r["speedup_vs_loop"] > 0
+               and r["max_rel_diff_fast"] < 1e-3 for r in bench.values())
     assert "fast/backward" in capsys.readouterr().out
 
 
 def test_fisher_gaussian_fit_and_score_match_float64_reference():
     rng = np.random.default_rng(1)
-    fit_feats = rng.normal(size=(50, 6)) * [1, 2, 3, 4, 5, 6] + 10
-    fit_feats[:, 2] = 4.0  # a zero-variance feature: dropped
+    fit_features = rng.normal(size=(50, 6)) * [1, 2, 3, 4, 5, 6] + 10
+    fit_features[:, 2] = 4.0  # a zero-variance feature: dropped
     new = rng.normal(size=(7, 6)) * 3
-    fit = fo.fit_gaussians(fit_feats)
+    fit = fo.fit_gaussians(fit_features)
     assert fit[2].tolist() == [True, True, False, True, True, True]
     for row, got in zip(new, fo.gaussian_score(new, fit)):
         want = 0.0
-        for l in [0, 1, 3, 4, 5]:
-            col = [float(v) for v in fit_feats[:, l]]
-            mu = sum(col) / len(col)
-            sd = math.sqrt(sum((v - mu) ** 2 for v in col) / (len(col) - 1))
-            want += -0.5 * ((row[l] - mu) / sd) ** 2 - math.log(sd * math.sqrt(2 * math.pi))
+        for layer in [0, 1, 3, 4, 5]:
+            column = [float(v) for v in fit_features[:, layer]]
+            mu = sum(column) / len(column)
+            sd = math.sqrt(sum((v - mu) ** 2 for v in column) / (len(column) - 1))
+            want += -0.5 * ((row[layer] - mu) / sd) ** 2 - math.log(sd * math.sqrt(2 * math.pi))
         assert got == pytest.approx(want, rel=1e-12)
-    # scaling the loss by c multiplies every f by c^2 and shifts every log f equally: score unchanged
+    # scaling the loss by c multiplies every f by c^2 and shifts every log f equally: unchanged
     f_fit, f_new = np.exp(rng.normal(size=(40, 5))), np.exp(rng.normal(size=(9, 5)))
-    s1 = fo.gaussian_score(fo.log_features(f_new), fo.fit_gaussians(fo.log_features(f_fit)))
-    s2 = fo.gaussian_score(fo.log_features(49 * f_new), fo.fit_gaussians(fo.log_features(49 * f_fit)))
-    np.testing.assert_allclose(s1, s2, rtol=1e-10)
+    score = lambda c: fo.gaussian_score(fo.log_features(c * f_new),
+                                        fo.fit_gaussians(fo.log_features(c * f_fit)))
+    np.testing.assert_allclose(score(1), score(49), rtol=1e-10)
 
 
 def test_fisher_typicality_and_likelihood_groups():
     losses = np.arange(12.0)
     np.testing.assert_array_equal(fo.group_losses(losses, 5), [10.0, 35.0])  # tail of 2 dropped
-    feats = {k: {1: torch.ones(4, 3), 2: torch.ones(2, 3)} for k in ("fit", "eval", "x")}
-    ls = dict(fit=np.array([1.0, 3.0, 1.0, 3.0]), eval=np.array([2.0, 2.0, 2.0, 2.0]), x=np.array([0.0, 4.0, 0.0, 4.0]))
-    scores, kept = fo.detect(ls, feats, [1, 2], ["x"])
+    features = {k: {1: torch.ones(4, 3), 2: torch.ones(2, 3)} for k in ("fit", "eval", "x")}
+    group_of = dict(fit=np.array([1.0, 3.0, 1.0, 3.0]), eval=np.array([2.0, 2.0, 2.0, 2.0]),
+                    x=np.array([0.0, 4.0, 0.0, 4.0]))
+    scores, kept = fo.detect(group_of, features, [1, 2], ["x"])
     assert kept == {1: [0, 3], 2: [0, 3]}  # constant features have zero variance: all dropped
-    np.testing.assert_array_equal(scores[1]["x"]["typicality"], [-2.0, -2.0, -2.0, -2.0])  # H = 2, symmetric
+    # H = 2, symmetric
+    np.testing.assert_array_equal(scores[1]["x"]["typicality"], [-2.0, -2.0, -2.0, -2.0])
     np.testing.assert_array_equal(scores[1]["x"]["likelihood"], [0.0, -4.0, 0.0, -4.0])
     np.testing.assert_array_equal(scores[2]["x"]["typicality"], [0.0, 0.0])  # H = 4 for pairs
 
 
 @pytest.mark.parametrize("kind", fo.MODELS)
 def test_fisher_model_loss_falls(kind, tmp_path):
-    cfg = fo.Config(hidden=32, latent=4, couplings=2, n_test=40, n_ood=20, max_steps=25, warmup=2,
-                    batch_size=32, lr=3e-3, threads=1, out=str(tmp_path))
+    cfg = fo.Config(hidden=32, latent=4, couplings=2, n_test=40, n_ood=20, max_steps=25,
+                    warmup=2, batch_size=32, lr=3e-3, threads=1, out=str(tmp_path))
     ctx = fo.setup(cfg)
     train_x = fo.make_set("train", 256, 0)
     x = train_x[:64].float() / 255
@@ -1596,12 +1672,13 @@ def test_fisher_model_loss_falls(kind, tmp_path):
     noise = before.draw_noise(64, torch.Generator().manual_seed(3))
     torch.manual_seed(0)  # fit_model builds the same initial model
     after, summary = fo.fit_model(kind, cfg, ctx, train_x)
-    # diffusion: judge at a middle timestep; at t = 0 the noise is nearly unpredictable and the loss ~ flat
+    # diffusion: judge at a middle timestep; at t = 0 the noise is nearly unpredictable
     extra = (torch.full((64,), 300),) if kind == "diffusion" else ()
     with torch.no_grad():
-        l0, l1 = before(x, noise, *extra).mean().item(), after(x, noise, *extra).mean().item()
-    assert summary["steps"] == 25 and math.isfinite(l1)
-    assert l1 < l0 - 0.02 * abs(l0), f"{kind}: {l0:.4f} -> {l1:.4f}"
+        loss_before = before(x, noise, *extra).mean().item()
+        loss_after = after(x, noise, *extra).mean().item()
+    assert summary["steps"] == 25 and math.isfinite(loss_after)
+    assert loss_after < loss_before - 0.02 * abs(loss_before), (kind, loss_before, loss_after)
 
 
 def test_fisher_datasets_deterministic(tmp_path):
@@ -1610,10 +1687,11 @@ def test_fisher_datasets_deterministic(tmp_path):
         assert a.dtype == torch.uint8 and a.shape == (12, 784)
         assert torch.equal(a, b), name
         assert not torch.equal(a, fo.make_set(name, 12, 1)), name
-    assert not torch.equal(fo.make_set("train", 12, 0), fo.make_set("test", 12, 0))  # separate streams
+    # separate streams
+    assert not torch.equal(fo.make_set("train", 12, 0), fo.make_set("test", 12, 0))
     # the simple sets have no pixel noise: constant images are constant
-    c = fo.make_set("constant", 5, 0)
-    assert (c == c[:, :1]).all()
+    constant = fo.make_set("constant", 5, 0)
+    assert (constant == constant[:, :1]).all()
     cfg = fo.Config(n_train=30, n_test=40, n_ood=20, out=str(tmp_path))
     first, cached = fo.load_data(cfg), fo.load_data(cfg)
     assert set(first) == {"train", "fit", "eval", *fo.OOD_SETS} and len(first["fit"]) == 20
@@ -1621,25 +1699,26 @@ def test_fisher_datasets_deterministic(tmp_path):
 
 
 def test_fisher_idx_parser():
-    imgs = torch.randint(0, 256, (3, 784), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
-    raw = b"".join(v.to_bytes(4, "big") for v in (0x803, 3, 28, 28)) + imgs.numpy().tobytes()
-    assert torch.equal(fo.parse_idx(raw), imgs)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (3, 784), generator=generator, dtype=torch.uint8)
+    raw = b"".join(v.to_bytes(4, "big") for v in (0x803, 3, 28, 28)) + images.numpy().tobytes()
+    assert torch.equal(fo.parse_idx(raw), images)
     with pytest.raises(fo.DataError):
         fo.parse_idx(raw[:-1])
 
 
 def test_fisher_cli_bad_input(jobs, capsys):
     code, err = jobs["fisher"].result()
-    lines = [l for l in err.splitlines() if l.strip()]
+    lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and "error" in lines[0] and "Traceback" not in err, err
-    for args in (["--batch_sizes=1,x"], ["--diff_t=1000"], ["--diff_t=-1"], ["--data=svhn"], ["--n_test=-1"], ["--nope"],
-                 ["--seeds=0"], ["--seed=4294967295", "--seeds=2"], [f"--data_dir={FO_ROOT / 'fisher_ood.py'}"]):
-        with pytest.raises(SystemExit) as e:  # the same parser in-process: cheaper than a subprocess each
+    for args in (["--batch_sizes=1,x"], ["--diff_t=1000"], ["--diff_t=-1"], ["--data=svhn"],
+                 ["--n_test=-1"], ["--nope"], ["--seeds=0"], ["--seed=4294967295", "--seeds=2"],
+                 [f"--data_dir={FO_ROOT / 'fisher_ood.py'}"]):
+        with pytest.raises(SystemExit) as e:  # the same parser in-process: cheaper than a process
             fo.parse_config(fo.Config, "fisher_ood", args)
         assert e.value.code == 2
-        err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert len(err) == 1 and "error" in err[0], err
-
 
 
 def test_fisher_damaged_shapes_cache_is_rebuilt(tmp_path, capsys):
@@ -1647,11 +1726,14 @@ def test_fisher_damaged_shapes_cache_is_rebuilt(tmp_path, capsys):
     sets = fo.load_data(cfg)
     (cache,) = (tmp_path / "data").iterdir()
     good = cache.read_bytes()
-    for damaged in [good[: len(good) // 2], good[:5000] + b"\xff" * 20_000 + good[25_000:], b"\xff" * len(good), b""]:
+    for damaged in [good[: len(good) // 2], good[:5000] + b"\xff" * 20_000 + good[25_000:],
+                    b"\xff" * len(good), b""]:
         cache.write_bytes(damaged)
         again = fo.load_data(cfg)
-        assert all(torch.equal(again[k], v) for k, v in sets.items()) and "generating it again" in capsys.readouterr().err
-    assert [p.name for p in (tmp_path / "data").iterdir()] == [cache.name]  # no temporary file beside it
+        assert all(torch.equal(again[k], v) for k, v in sets.items())
+        assert "generating it again" in capsys.readouterr().err
+    # no temporary file beside it
+    assert [p.name for p in (tmp_path / "data").iterdir()] == [cache.name]
 
 
 @pytest.mark.parametrize("name", ["fisher:vae", "fisher:flow", "fisher:diffusion"])
