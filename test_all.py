@@ -528,6 +528,7 @@ def test_train_t_interval_matches_the_table_and_covers_at_its_level():
     m, h = train.mean_interval([1.0, 3.0], shared_se=2.0)
     assert m == 2.0 and h == pytest.approx(12.706 * math.sqrt(2.0 / 2 + 4.0), abs=1e-2)
     assert math.isnan(train.mean_interval([3.0])[1])
+    assert train.mean_interval([3.0], shared_se=0)[1] == 0  # a known zero error
     assert train.mean_interval([3.0], shared_se=0.5)[1] == pytest.approx(0.98, abs=1e-3)
 
 

@@ -481,16 +481,16 @@ def t_quantile(df, level=0.95):
         low, high = (middle, high) if mass(middle) < level else (low, middle)
     return (low + high) / 2
 
-def mean_interval(values, level=0.95, shared_se=0.0):
+def mean_interval(values, level=0.95, shared_se=None):
     """(mean, half-width) of the `level` interval for the mean of independent values, one per
     seed: Student's t with n - 1 degrees of freedom (1.96 is far too narrow for 3 seeds).
     shared_se: the standard error of an error every value shares, which averaging over seeds
     cannot remove (one test set that every seed scores), added in quadrature. With one value it
-    is the only error known (a normal interval); without it the half-width is nan."""
+    is the only error known (a normal interval); without it (None) the half-width is nan."""
     x = np.asarray(values, dtype=np.float64)
     if len(x) < 2:
         z = statistics.NormalDist().inv_cdf(0.5 + level / 2)
-        return float(x.mean()), z * shared_se if shared_se else math.nan
+        return float(x.mean()), math.nan if shared_se is None else z * shared_se
     if shared_se:
         spread = math.sqrt(x.var(ddof=1) / len(x) + shared_se**2)
     else:
