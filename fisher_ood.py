@@ -217,7 +217,7 @@ def build(kind, cfg):
     return Flow(cfg.hidden, cfg.couplings, cfg.seed)
 
 # ---- per-example squared gradient norms {B: (N // B, P)}: row g for the summed loss of examples
-# gB .. gB + B - 1, a column per parameter tensor
+# gB .. gB + B - 1
 
 
 def fast_sq_norms(model, x, noise, groups=(1,)):
@@ -697,9 +697,23 @@ def report(cfg, ctx, runs, t_start):
     return out
 
 
+def panel_values(scores, method, names):
+    """{set: what a panel shows}: -loss near the ID range, or the gradient score's distance below
+    the best ID score on a log scale (far-OOD sets are orders of magnitude away)."""
+    low, high = np.percentile(scores["eval"]["likelihood"], [1, 99])
+    shown = {}
+    for name in names:
+        values = scores[name][method]
+        if method == "gradient":
+            values = np.log10(1 + np.clip(scores["eval"]["gradient"].max() - values, 0, 1e300))
+        else:
+            values = values[(values >= 2 * low - high) & (values <= 2 * high - low)]  # +- width
+        shown[name] = values[np.isfinite(values)]
+    return shown
+
+
 def plot(cfg, scores_by_model, ood_names):
-    """B = 1 score histograms: a row per model, a colour per set, a legend per panel; the gradient
-    score as its distance below the best ID score, on a log axis (far-OOD sets are far away)."""
+    """B = 1 score histograms: a row per model, a colour per set, a legend per panel."""
     B, names = min(cfg.batch_size_list), ["eval"] + ood_names
     xlabels = dict(likelihood="-loss", gradient="log10(1 + best ID score - gradient score)")
 
@@ -707,22 +721,16 @@ def plot(cfg, scores_by_model, ood_names):
         fig, axes = plt.subplots(len(scores_by_model), 2, squeeze=False,
                                  figsize=(12, 3.2 * len(scores_by_model)))
         for row, (kind, scores) in zip(axes, scores_by_model.items()):
-            scores = scores[B]
-            low, high = np.percentile(scores["eval"]["likelihood"], [1, 99])
-            best = scores["eval"]["gradient"].max()
             for ax, method in zip(row, ("likelihood", "gradient")):
+                shown = panel_values(scores[B], method, names)
+                every = np.concatenate(list(shown.values()))
+                bins = np.linspace(every.min(), every.max() + 1e-9, 60)  # shared by the sets
                 for colour, name in enumerate(names):
-                    values = scores[name][method]
-                    if method == "gradient":
-                        values = np.log10(1 + np.clip(best - values, 0, 1e300))
-                    else:  # within the ID range widened by its width on each side
-                        values = values[(values >= 2 * low - high) & (values <= 2 * high - low)]
-                    values = values[np.isfinite(values)]
                     label = "ID (eval)" if name == "eval" else name
-                    if len(values) == 0:  # listed all the same: no colour left unexplained
+                    if len(shown[name]) == 0:  # listed all the same: no colour unexplained
                         ax.plot([], [], f"C{colour}", label=f"{label} (off the axis)")
                         continue
-                    heights = ax.hist(values, bins=50, density=True, color=f"C{colour}",
+                    heights = ax.hist(shown[name], bins, density=True, color=f"C{colour}",
                                       histtype="step" if colour else "stepfilled",
                                       alpha=1 if colour else 0.4, label=label)[0]
                     if not colour:  # narrow OOD spikes are cut at 3x the ID peak
@@ -737,7 +745,7 @@ def plot(cfg, scores_by_model, ood_names):
 
 
 def plot_samples(cfg, sets, k=8):
-    """The first k images of every set (fewer if a set is smaller), a row per set."""
+    """The first k images of every set (fewer if a set is smaller)."""
     columns = min(k, *map(len, sets.values()))
 
     def draw(plt):
