@@ -1380,20 +1380,24 @@ def test_fisher_gaussian_mean_score_norm_is_chi2():
     assert p_wrong < 1e-3
 
 
+def fo_auroc(id_scores, ood_scores):  # P(ID score > OOD score), ties 1/2
+    return float(fo.placements(id_scores, ood_scores)[0].mean())
+
+
 def test_fisher_auroc_identities():
     rng = np.random.default_rng(0)
     a, b = rng.normal(1, 1, 300), rng.normal(0, 1, 200)
-    assert fo.auroc(np.array([2.0, 3.0]), np.array([0.0, 1.0])) == 1.0
-    assert fo.auroc(np.array([0.0, 1.0]), np.array([2.0, 3.0])) == 0.0
-    assert fo.auroc(np.full(5, 7.0), np.full(4, 7.0)) == 0.5
-    assert fo.auroc(a, b) == pytest.approx(fo.auroc(np.exp(a), np.exp(b)), abs=1e-12)
-    assert fo.auroc(a, b) == pytest.approx(fo.auroc(3 * a - 1, 3 * b - 1), abs=1e-12)
-    assert fo.auroc(a, b) == pytest.approx(1 - fo.auroc(b, a), abs=1e-12)
+    assert fo_auroc(np.array([2.0, 3.0]), np.array([0.0, 1.0])) == 1.0
+    assert fo_auroc(np.array([0.0, 1.0]), np.array([2.0, 3.0])) == 0.0
+    assert fo_auroc(np.full(5, 7.0), np.full(4, 7.0)) == 0.5
+    assert fo_auroc(a, b) == pytest.approx(fo_auroc(np.exp(a), np.exp(b)), abs=1e-12)
+    assert fo_auroc(a, b) == pytest.approx(fo_auroc(3 * a - 1, 3 * b - 1), abs=1e-12)
+    assert fo_auroc(a, b) == pytest.approx(1 - fo_auroc(b, a), abs=1e-12)
     id_ties, ood_ties = rng.integers(0, 6, 80), rng.integers(0, 6, 70)  # many ties
     brute = np.mean([(x > y) + 0.5 * (x == y) for x in id_ties for y in ood_ties])
-    assert fo.auroc(id_ties, ood_ties) == pytest.approx(brute, abs=1e-12)
+    assert fo_auroc(id_ties, ood_ties) == pytest.approx(brute, abs=1e-12)
     # NaN ranks with -inf
-    assert fo.auroc(np.array([1.0, -np.inf]), np.array([np.nan, 0.0])) == 0.625
+    assert fo_auroc(np.array([1.0, -np.inf]), np.array([np.nan, 0.0])) == 0.625
 
 
 def fo_correlated_scores(rng, m=300, n=200):
@@ -1414,7 +1418,6 @@ def test_fisher_delong_standard_errors_match_brute_force_and_bootstrap():
     np.testing.assert_allclose(v10, [np.mean((x > b) + 0.5 * (x == b)) for x in a], atol=1e-12)
     np.testing.assert_allclose(v01, [np.mean((a > y) + 0.5 * (a == y)) for y in b], atol=1e-12)
     assert v10.mean() == pytest.approx(v01.mean(), abs=1e-12)
-    assert v10.mean() == pytest.approx(fo.auroc(a, b), abs=1e-12)
     # DeLong against a paired bootstrap
     shared, scores = fo_correlated_scores(rng)
     rows = fo.evaluate(scores, [1], ["x", "y"])
@@ -1422,7 +1425,7 @@ def test_fisher_delong_standard_errors_match_brute_force_and_bootstrap():
     boot = []
     for _ in range(400):  # resample ID and each OOD set's images, the same draw for each detector
         index = {k: rng.integers(0, len(v), len(v)) for k, v in shared.items()}
-        au = {(o, d): fo.auroc(scores[1]["eval"][d][index["eval"]], scores[1][o][d][index[o]])
+        au = {(o, d): fo_auroc(scores[1]["eval"][d][index["eval"]], scores[1][o][d][index[o]])
               for o in ("x", "y") for d in ("typicality", "gradient")}
         diffs = [au[(o, "gradient")] - au[(o, "typicality")] for o in ("x", "y")]
         boot.append([au[("x", "gradient")], diffs[0], np.mean(diffs)])
@@ -1653,13 +1656,110 @@ def test_fisher_cli_bad_input(jobs, capsys):
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and "error" in lines[0] and "Traceback" not in err, err
     # --model=vae,vae counted every pairing twice; --n_test=4 --n_ood=2 is too small for B = 5
-    for args in (["--batch_sizes=1,x"], ["--diff_t=1000"], ["--diff_t=-1"], ["--n_test=-1"],
+    for args in (["--batch_sizes=1,x"], ["--batch_sizes=,"], ["--diff_t=1000"], ["--diff_t=-1"],
+                 ["--n_test=-1"], ["--data=svhn"],
                  ["--nope"], ["--seeds=0"], ["--seed=4294967295", "--seeds=2"],
                  ["--n_test=4", "--n_ood=2"], ["--n_train=20", "--n_test=20", "--n_ood=10",
                                                *FO_TINY, "--model=vae,vae"]):
         code, out, err = fo_run(args, capsys)
         err = [line for line in err.splitlines() if line.strip()]
         assert code == 2 and len(err) == 1 and "error" in err[0] and not out, (args, err)
+
+
+def fo_idx(images):
+    """(n, 784) uint8 images as a gzipped IDX file, the format of the MNIST downloads."""
+    import gzip
+    header = b"".join(v.to_bytes(4, "big") for v in (0x803, len(images), 28, 28))
+    return gzip.compress(header + images.numpy().tobytes())
+
+
+def fo_stand_in(monkeypatch, directory, name, raw, pinned=None):
+    """Puts raw where train.download keeps the dataset `name` and pins its md5 (or pinned's), at
+    a URL nothing answers: a file that fails its digest is a failed download."""
+    import hashlib
+    directory.mkdir(exist_ok=True)
+    (directory / f"{name}.gz").write_bytes(raw)
+    entry = ("http://127.0.0.1:9/never-fetched.gz", f"{name}.gz",
+             "md5:" + hashlib.md5(raw if pinned is None else pinned).hexdigest())
+    if len(train.DATASETS[name]) == 2:  # an engine that names each file after its dataset
+        entry = entry[::2]
+    monkeypatch.setitem(train.DATASETS, name, entry)
+
+
+def test_fisher_idx_parser():
+    images = torch.randint(0, 256, (3, 784), generator=torch.Generator().manual_seed(0),
+                           dtype=torch.uint8)
+    raw = b"".join(v.to_bytes(4, "big") for v in (0x803, 3, 28, 28)) + images.numpy().tobytes()
+    assert torch.equal(fo.parse_idx(raw), images)
+    for bad in (raw[:-1], raw + b"\0", b"\0\0\x08\x01" + raw[4:]):  # short, long, labels
+        with pytest.raises(train.DataError, match="IDX"):
+            fo.parse_idx(bad)
+
+
+def test_fisher_real_data_run_end_to_end_on_generated_idx_files(tmp_path, monkeypatch, capsys):
+    data = tmp_path / "data"
+    files = {"fashionmnist-train": fo.make_set("train", 60, 7),
+             "fashionmnist-test": fo.make_set("test", 40, 7),
+             "mnist-test": fo.make_set("strokes", 40, 7)}
+    for name, images in files.items():  # the pinned digests are the real files'
+        fo_stand_in(monkeypatch, data, name, fo_idx(images))
+    monkeypatch.setattr(fo, "save_figure", lambda path, draw: None)  # drawing is the slow part
+    fo.load_idx.cache_clear()
+    sets = fo.load_data(fo.Config(data="fashionmnist", data_dir=str(data), n_train=60,
+                                  n_test=20, n_ood=10))
+    assert list(sets) == ["train", "fit", "eval", "mnist", "constant", "noise", "inverted"]
+    assert torch.equal(sets["train"], files["fashionmnist-train"])
+    assert torch.equal(sets["mnist"], files["mnist-test"][:10])
+    assert torch.equal(sets["inverted"], 255 - files["fashionmnist-train"][-10:])
+    test = {bytes(image.numpy()) for image in files["fashionmnist-test"]}
+    held_out = torch.cat([sets["fit"], sets["eval"]])
+    assert len(held_out) == 20 and {bytes(image.numpy()) for image in held_out} <= test
+    code, out, err = fo_run([f"--out={tmp_path / 'out'}", "--data=fashionmnist",
+                             f"--data_dir={data}", "--n_train=60", "--n_test=20", "--n_ood=10",
+                             "--model=vae,diffusion", "--seeds=2", "--draws=2", *FO_TINY[1:]],
+                            capsys)
+    fo.load_idx.cache_clear()
+    assert code == 0 and "Traceback" not in err, err
+    assert "images: train 60, fit 10, eval 10, mnist 10, constant 10, noise 10, inverted 10" in out
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    pairings = results["summary"]["pairings"]
+    assert results["summary"]["seeds"] == [0, 1]
+    assert {p["ood"] for p in pairings} == {"mnist", "constant", "noise", "inverted"}
+    assert len(pairings) == 2 * 4 * 2 and all(math.isfinite(p["diff"][0]) for p in pairings)
+    assert set(results["summary"]["pooled"]) == {"all", "vae", "diffusion"}
+    assert "t-interval over seeds" in out and "scored at t=" in out
+
+
+def test_fisher_a_bad_download_or_file_is_one_line(tmp_path, monkeypatch, capsys):
+    import gzip
+    data = tmp_path / "data"
+    good = fo_idx(fo.make_set("test", 40, 0))
+    for name in ("mnist-test", "fashionmnist-test"):
+        fo_stand_in(monkeypatch, data, name, good)
+    cases = [(b"truncated", good, "could not download"),  # fails its digest: fetched again
+             (gzip.compress(b"not an IDX file"), None, "IDX"),
+             (good, None, "--n_train <= 40")]  # too few images for the flags
+    for raw, pinned, problem in cases:
+        fo_stand_in(monkeypatch, data, "mnist-train", raw, pinned)
+        fo.load_idx.cache_clear()
+        code, out, err = fo_run(["--data=mnist", f"--data_dir={data}", "--n_train=50",
+                                 "--n_test=20", "--n_ood=10", f"--out={tmp_path}", *FO_TINY],
+                                capsys)
+        errors = [line for line in err.splitlines() if line.startswith("error")]
+        assert code == 1 and len(errors) == 1 and problem in errors[0], (problem, err)
+        assert "Traceback" not in err and not out
+    fo.load_idx.cache_clear()
+
+
+def test_fisher_bench_prints_the_speedup(tmp_path, capsys):
+    code, out, err = fo_run(["--bench", "--batch_size=6", "--model=vae,diffusion", "--hidden=8",
+                             "--latent=2", "--threads=1", f"--out={tmp_path}"], capsys)
+    assert code == 0 and not err, err
+    rows = [line.split() for line in out.splitlines() if line.startswith("  ")]
+    assert [row[0] for row in rows] == ["vae", "diffusion"], out
+    for row in rows:  # ... loop/fast 3.1x, fast/backward 1.20x, max relative difference 2e-07
+        assert float(row[row.index("loop/fast") + 1].rstrip("x,")) > 0
+        assert float(row[-1]) < 1e-4  # the fast norms are the loop's
 
 
 def test_fisher_ctrl_c_while_scoring_is_one_line_exit_130(tmp_path, monkeypatch, capsys):
