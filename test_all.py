@@ -1312,9 +1312,8 @@ def test_subliminal_gpu_command_line_runs_evaluates_and_resumes(tmp_path):
 
 # ---- fisher_ood.py
 
-FO_ROOT = Path(fo.__file__).resolve().parent
-FO_TINY = ["--hidden=8", "--latent=2", "--max_steps=2", "--warmup=1", "--batch_size=16",
-           "--threads=1"]
+FO_TINY = ["--model=vae", "--hidden=8", "--latent=2", "--max_steps=2", "--warmup=1",
+           "--batch_size=16", "--threads=1"]
 
 
 def fo_tiny(kind, seed=0):
@@ -1335,13 +1334,46 @@ def fo_inputs(model, n=10, seed=0):
     return x, model.draw_noise(n, torch.Generator().manual_seed(seed + 1))
 
 
+def fo_loop_sq_norms(model, x, noise, groups=(1,)):
+    """The reference: one backward per group of B examples."""
+    params = [p for _, p in model.named_parameters()]
+    out = {}
+    for B in groups:
+        rows = []
+        for g in range(len(x) // B):
+            loss = model(x[g * B:(g + 1) * B], noise[g * B:(g + 1) * B]).sum()
+            grads = torch.autograd.grad(loss, params)
+            rows.append(torch.stack([grad.pow(2).sum() for grad in grads]))
+        out[B] = torch.stack(rows)
+    return out
+
+
+def fo_vmap_sq_norms(model, x, noise, groups=(1,), chunk_size=32):
+    """The general path, for any module: torch.func's gradient of a group's summed loss, vmapped
+    over the groups."""
+    from torch.func import functional_call, grad, vmap
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+
+    def group_loss(params, x_group, noise_group):
+        return functional_call(model, (params, buffers), (x_group, noise_group)).sum()
+
+    out = {}
+    for B in groups:
+        G = len(x) // B
+        grads = vmap(grad(group_loss), in_dims=(None, 0, 0), chunk_size=chunk_size)(
+            params, x[:G * B].unflatten(0, (G, B)), noise[:G * B].unflatten(0, (G, B)))
+        out[B] = torch.stack([grads[k].flatten(1).pow(2).sum(1) for k in params], 1)
+    return out
+
+
 @pytest.mark.parametrize("kind", fo.MODELS)
 def test_fisher_fast_vmap_loop_agree(kind):
     model = fo_tiny(kind)
     x, noise = fo_inputs(model)
     fast, losses = fo.fast_sq_norms(model, x, noise, (1, 5))
-    vmapped = fo.vmap_sq_norms(model, x, noise, (1, 5))
-    loop = fo.loop_sq_norms(model, x, noise, (1, 5))
+    vmapped = fo_vmap_sq_norms(model, x, noise, (1, 5))
+    loop = fo_loop_sq_norms(model, x, noise, (1, 5))
     assert fast[1].shape == (10, len(list(model.parameters()))) and fast[5].shape[0] == 2
     assert (loop[1] > 0).all()
     for B in (1, 5):
@@ -1368,31 +1400,17 @@ def test_fisher_group_feature_is_norm_of_summed_gradient():
         assert ((fast[5][group] - sum_of_norms).abs() / sum_of_norms > 1e-3).any()
 
 
-class FoBare(nn.Module):
-    """A loss whose only parameter lives outside any Linear: the fast path refuses it."""
+def test_fisher_fast_norms_refuse_parameters_outside_a_linear():
+    class Bare(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mu = nn.Parameter(torch.zeros(3))
 
-    def __init__(self):
-        super().__init__()
-        self.mu = nn.Parameter(torch.zeros(3))
+        def forward(self, x, noise):
+            return 0.5 * (x - self.mu).pow(2).sum(1)
 
-    def draw_noise(self, n, generator=None):
-        return torch.zeros(n, 1)
-
-    def forward(self, x, noise):
-        return 0.5 * (x - self.mu).pow(2).sum(1)
-
-
-def test_fisher_non_linear_parameters_use_vmap_fallback():
     with pytest.raises(NotImplementedError):
-        fo.fast_sq_norms(FoBare(), torch.zeros(2, 3), torch.zeros(2, 1))
-    # scoring falls back to vmap for such a model and still gives the loop's numbers
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (10, 3), generator=generator, dtype=torch.uint8)
-    losses, features = fo.score_set(FoBare(), images, 0, "x", (1, 5), chunk=10)
-    loop = fo.loop_sq_norms(FoBare(), images.float() / 255, torch.zeros(10, 1), (1, 5))
-    for B in (1, 5):
-        torch.testing.assert_close(features[B], loop[B].double(), rtol=1e-5, atol=1e-12)
-    torch.testing.assert_close(losses, FoBare()(images.float() / 255, None).double())
+        fo.fast_sq_norms(Bare(), torch.zeros(2, 3), torch.zeros(2, 1))
 
 
 @pytest.mark.parametrize("kind", fo.MODELS)
@@ -1408,18 +1426,25 @@ def test_fisher_scoring_stays_on_the_device(kind):
         1: ("meta", (10, parameters)), 5: ("meta", (2, parameters))}
     if kind == "diffusion":
         table = fo.device_timestep_table(model, images, 0)
-        assert len(table) == 4 * len(fo.TIMESTEPS)
+        assert len(table) == 3 * len(fo.TIMESTEPS)
         assert all(v.device.type == "meta" and v.dim() == 0 for v in table.values())
 
 
-def test_fisher_loop_norms_of_an_unused_parameter_stay_on_the_device():
-    # an unused parameter's zero was a CPU tensor stacked with the device's norms
-    model = FoBare()
-    model.unused = nn.Parameter(torch.ones(2))
-    model = model.to("meta")
-    x = torch.zeros(4, 3, device="meta")
-    norms = fo.loop_sq_norms(model, x, torch.zeros(4, 1, device="meta"), (1, 2))
-    assert norms[1].device.type == "meta" and norms[2].shape == (2, 2)
+def test_fisher_bernoulli_vae_is_a_likelihood_of_the_binarised_image():
+    model = fo_tiny("vae_bernoulli")
+    x, noise = fo_inputs(model, n=4)
+    binary = (x >= 0.5).float()
+    assert 0 < binary.mean() < 1
+    torch.testing.assert_close(model(x, noise), model(binary, noise))
+    # No floor: q(z|x) = p(z) (zero KL) and a decoder sure of image 0's binarisation give image 0
+    # an NLL of ~0 nats. Grey levels as soft targets would leave their entropy, hundreds of nats.
+    with torch.no_grad():
+        model.enc_out.weight.zero_()
+        model.enc_out.bias.zero_()
+        model.dec_out.weight.zero_()
+        model.dec_out.bias.copy_(40 * (2 * binary[0] - 1))
+    losses = model(x, noise)
+    assert losses[0] < 1e-6 and (losses[1:] > 100).all()
 
 
 def fo_ks_pvalue(samples, cdf):
@@ -1449,10 +1474,10 @@ def test_fisher_gaussian_mean_score_norm_is_chi2():
     model = GaussianMean(d)
     generator = torch.Generator().manual_seed(0)
     x = model.mu.detach() + torch.randn(n, d, generator=generator, dtype=torch.float32)
-    sq = fo.vmap_sq_norms(model, x, torch.zeros(n, 1), (1,), chunk_size=512)[1][:, 0]
+    sq = fo_vmap_sq_norms(model, x, torch.zeros(n, 1), (1,), chunk_size=512)[1][:, 0]
     sq = sq.double().numpy()
     torch.testing.assert_close(torch.from_numpy(sq[:20]).float(),
-                               fo.loop_sq_norms(model, x[:20], torch.zeros(20, 1))[1][:, 0],
+                               fo_loop_sq_norms(model, x[:20], torch.zeros(20, 1))[1][:, 0],
                                rtol=1e-5, atol=1e-6)
 
     def chi2(k):
@@ -1465,24 +1490,24 @@ def test_fisher_gaussian_mean_score_norm_is_chi2():
     assert p_wrong < 1e-3
 
 
+def fo_auroc(id_scores, ood_scores):  # P(ID score > OOD score), ties 1/2
+    return float(fo.placements(id_scores, ood_scores)[0].mean())
+
+
 def test_fisher_auroc_identities():
     rng = np.random.default_rng(0)
     a, b = rng.normal(1, 1, 300), rng.normal(0, 1, 200)
-    assert fo.auroc(np.array([2.0, 3.0]), np.array([0.0, 1.0])) == 1.0
-    assert fo.auroc(np.array([0.0, 1.0]), np.array([2.0, 3.0])) == 0.0
-    assert fo.auroc(np.full(5, 7.0), np.full(4, 7.0)) == 0.5
-    assert fo.auroc(a, b) == pytest.approx(fo.auroc(np.exp(a), np.exp(b)), abs=1e-12)
-    assert fo.auroc(a, b) == pytest.approx(fo.auroc(3 * a - 1, 3 * b - 1), abs=1e-12)
-    assert fo.auroc(a, b) == pytest.approx(1 - fo.auroc(b, a), abs=1e-12)
+    assert fo_auroc(np.array([2.0, 3.0]), np.array([0.0, 1.0])) == 1.0
+    assert fo_auroc(np.array([0.0, 1.0]), np.array([2.0, 3.0])) == 0.0
+    assert fo_auroc(np.full(5, 7.0), np.full(4, 7.0)) == 0.5
+    assert fo_auroc(a, b) == pytest.approx(fo_auroc(np.exp(a), np.exp(b)), abs=1e-12)
+    assert fo_auroc(a, b) == pytest.approx(fo_auroc(3 * a - 1, 3 * b - 1), abs=1e-12)
+    assert fo_auroc(a, b) == pytest.approx(1 - fo_auroc(b, a), abs=1e-12)
     id_ties, ood_ties = rng.integers(0, 6, 80), rng.integers(0, 6, 70)  # many ties
     brute = np.mean([(x > y) + 0.5 * (x == y) for x in id_ties for y in ood_ties])
-    assert fo.auroc(id_ties, ood_ties) == pytest.approx(brute, abs=1e-12)
+    assert fo_auroc(id_ties, ood_ties) == pytest.approx(brute, abs=1e-12)
     # NaN ranks with -inf
-    assert fo.auroc(np.array([1.0, -np.inf]), np.array([np.nan, 0.0])) == 0.625
-    assert fo.fpr_at_tpr(np.array([2.0, 3.0, 4.0]), np.array([0.0, 1.0])) == 0.0
-    assert fo.fpr_at_tpr(np.array([0.0, 1.0]), np.array([2.0, 3.0])) == 1.0
-    ids = np.arange(100.0)  # 95% TPR keeps ids >= 5: OOD at 4.5 is rejected, at 5 accepted
-    assert fo.fpr_at_tpr(ids, np.array([4.5, 5.0])) == 0.5
+    assert fo_auroc(np.array([1.0, -np.inf]), np.array([np.nan, 0.0])) == 0.625
 
 
 def fo_correlated_scores(rng, m=300, n=200):
@@ -1503,7 +1528,6 @@ def test_fisher_delong_standard_errors_match_brute_force_and_bootstrap():
     np.testing.assert_allclose(v10, [np.mean((x > b) + 0.5 * (x == b)) for x in a], atol=1e-12)
     np.testing.assert_allclose(v01, [np.mean((a > y) + 0.5 * (a == y)) for y in b], atol=1e-12)
     assert v10.mean() == pytest.approx(v01.mean(), abs=1e-12)
-    assert v10.mean() == pytest.approx(fo.auroc(a, b), abs=1e-12)
     # DeLong against a paired bootstrap
     shared, scores = fo_correlated_scores(rng)
     rows = fo.evaluate(scores, [1], ["x", "y"])
@@ -1511,7 +1535,7 @@ def test_fisher_delong_standard_errors_match_brute_force_and_bootstrap():
     boot = []
     for _ in range(400):  # resample ID and each OOD set's images, the same draw for each detector
         index = {k: rng.integers(0, len(v), len(v)) for k, v in shared.items()}
-        au = {(o, d): fo.auroc(scores[1]["eval"][d][index["eval"]], scores[1][o][d][index[o]])
+        au = {(o, d): fo_auroc(scores[1]["eval"][d][index["eval"]], scores[1][o][d][index[o]])
               for o in ("x", "y") for d in ("typicality", "gradient")}
         diffs = [au[(o, "gradient")] - au[(o, "typicality")] for o in ("x", "y")]
         boot.append([au[("x", "gradient")], diffs[0], np.mean(diffs)])
@@ -1525,7 +1549,7 @@ def test_fisher_delong_standard_errors_match_brute_force_and_bootstrap():
     assert rows[0]["diff_se"] < 0.8 * independent
 
 
-def fo_fake_runs(diffs, like=0.3):
+def fo_fake_runs(diffs, like=0.3, se=0.01):
     """Runs (one per seed) of one model and 4 OOD sets whose every pairing has the given
     difference."""
     rng = np.random.default_rng(0)
@@ -1533,8 +1557,8 @@ def fo_fake_runs(diffs, like=0.3):
     for seed, d in enumerate(diffs):
         auroc = dict(likelihood=like + 0.02 * seed, typicality=0.8, gradient=0.8 + d)
         phi = lambda: (d + 0.01 * rng.normal(size=50), d + 0.01 * rng.normal(size=40))
-        rows = [dict(model="m", ood=o, B=1, auroc=auroc, se={k: 0.01 for k in fo.METHODS},
-                     diff=d, diff_se=0.01, phi=phi()) for o in "abcd"]
+        rows = [dict(model="m", ood=o, B=1, auroc=auroc, se={k: se for k in fo.METHODS},
+                     diff=d, diff_se=se, phi=phi()) for o in "abcd"]
         runs.append(dict(seed=seed, rows=rows))
     return runs
 
@@ -1543,18 +1567,22 @@ def test_fisher_verdicts_come_from_intervals_not_win_counts():
     # the gradient score "wins" on average by 0.006 and on most seeds, but seed noise is 0.05
     runs = fo_fake_runs([0.056, -0.044, 0.056, -0.044, 0.006])
     lines, out = fo.verdicts(fo.summarise(runs), [1])
-    assert out["mean_difference"]["all"]["verdict"] == "indistinguishable"
+    assert fo.summarise(runs)["pooled"]["all"]["verdict"] == "indistinguishable"
     assert not out["most_pairings"]
     assert out["pairing_verdicts"] == dict(better=0, worse=0, indistinguishable=4)
     assert "INDISTINGUISHABLE" in lines[1] and lines[2].startswith("Gradient better")
     assert "NO" in lines[2]
     assert out["nalisnick"] and out["likelihood_below_chance"] == ["m/a", "m/b", "m/c", "m/d"]
-    lines, out = fo.verdicts(fo.summarise(fo_fake_runs([0.05, 0.052, 0.048], like=0.47)), [1])
-    assert out["mean_difference"]["all"]["verdict"] == "better"
+    summary = fo.summarise(fo_fake_runs([0.05, 0.052, 0.048], like=0.47))
+    lines, out = fo.verdicts(summary, [1])
+    assert summary["pooled"]["all"]["verdict"] == "better"
     assert out["most_pairings"] and not out["nalisnick"]
-    # one seed: the DeLong interval of that seed, +-1.96 SE; two: the engine's t (12.7), not 1.96
+    # one seed: the DeLong interval of that seed, +-1.96 SE, a zero SE (perfect separation) a
+    # zero half-width; two seeds: the engine's t (12.7), not 1.96
     summary = fo.summarise(fo_fake_runs([0.05]))
     assert summary["pairings"][0]["diff"] == pytest.approx((0.05, 1.96 * 0.01), rel=1e-3)
+    zero = fo.summarise(fo_fake_runs([0.0], se=0.0))["pairings"][0]["diff"]
+    assert zero == pytest.approx((0.0, 0.0), abs=1e-12)
     summary = fo.summarise(fo_fake_runs([0.1, 0.3]))
     assert summary["pairings"][0]["diff"] == pytest.approx((0.2, 12.706 * 0.1), abs=1e-3)
 
@@ -1588,72 +1616,77 @@ def test_fisher_diffusion_timestep_rule_and_trivial_predictors():
     assert fo.pick_timestep(rows) == 50
     rows[1]["denoiser"] = 0.71
     assert fo.pick_timestep(rows) == 50  # beaten everywhere: the closest
-    # a denoiser that predicts eps = 0 has exactly the zero predictor's error; the linear one
-    # beats it at large t
+    # a denoiser that predicts eps = 0 has the error E|eps| = sqrt(2 / pi); the best linear
+    # predictor is no better at t = 0 and far better at the last t
     model = fo_tiny("diffusion")
     with torch.no_grad():
         for p in (*model.out.parameters(), *model.gate.parameters()):
             p.zero_()
     table = {r["t"]: r for r in fo.timestep_table(model, fo.make_set("test", 50, 0), 0)}
-    assert all(r["denoiser"] == pytest.approx(r["zero"], rel=1e-5) for r in table.values())
-    assert table[999]["linear"] < 0.1 * table[999]["zero"]
-    assert table[0]["linear"] == pytest.approx(table[0]["zero"], rel=0.05)
+    assert all(r["denoiser"] == pytest.approx(math.sqrt(2 / math.pi), rel=0.02)
+               for r in table.values())
+    assert table[999]["linear"] < 0.1 * table[999]["denoiser"]
+    assert table[0]["linear"] == pytest.approx(table[0]["denoiser"], rel=0.05)
 
 
-def test_fisher_real_data_run_end_to_end_on_generated_idx_files(tmp_path, monkeypatch, capsys):
-    import gzip, hashlib
-    (tmp_path / "data").mkdir()
-    for name, n in [("fashionmnist-train", 60), ("fashionmnist-test", 40), ("mnist-test", 40)]:
-        images = fo.make_set("test" if name.startswith("fashion") else "strokes", n, 7)
-        header = b"".join(v.to_bytes(4, "big") for v in (0x803, n, 28, 28))
-        raw = gzip.compress(header + images.numpy().tobytes())
-        (tmp_path / "data" / f"{name}.gz").write_bytes(raw)
-        stand_in = ("http://127.0.0.1:9/never-fetched.gz", "md5:" + hashlib.md5(raw).hexdigest())
-        monkeypatch.setitem(train.DATASETS, name, stand_in)  # the pinned digests: the real files'
-    # drawing is 90% of this tiny run's time
-    monkeypatch.setattr(fo, "save_figure", lambda path, draw: None)
-    fo.load_idx.cache_clear()
-    fo.main(["--data=fashionmnist", f"--data_dir={tmp_path / 'data'}", f"--out={tmp_path / 'out'}",
-             "--model=vae,diffusion", "--n_train=60", "--n_test=20",
-             "--n_ood=10", "--seeds=2", "--draws=2", *FO_TINY])
-    fo.load_idx.cache_clear()
-    results = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert [r["seed"] for r in results["runs"]] == [0, 1] and results["summary"]["seeds"] == [0, 1]
+def fo_run(argv, capsys):
+    """The command line run in this process, as a user runs it: (exit code, stdout, stderr)."""
+    code = 0
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", ["fisher_ood.py", *argv])
+        try:
+            fo.cli(fo.main)
+        except SystemExit as e:
+            code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_fisher_several_seeds_end_to_end(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(fo, "save_figure", lambda path, draw: None)  # drawing is the slow part
+    code, out, _ = fo_run([f"--out={tmp_path}", "--model=vae,diffusion", "--n_train=60",
+                           "--n_test=20", "--n_ood=10", "--seeds=2", "--draws=2", *FO_TINY[1:]],
+                          capsys)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert code == 0 and [r["seed"] for r in results["runs"]] == [0, 1]
     pairings = results["summary"]["pairings"]
-    assert {p["ood"] for p in pairings} == {"mnist", "constant", "noise", "inverted"}
-    assert len(pairings) == 2 * 4 * 2 and all(math.isfinite(p["diff"][0]) for p in pairings)
-    assert set(results["verdict"]["mean_difference"]) == {"all", "vae", "diffusion"}
-    out = capsys.readouterr().out
-    assert "t-interval over seeds" in out and "diffusion scored at t=" in out
+    assert len(pairings) == 2 * 7 * 2 and all(math.isfinite(p["diff"][1]) for p in pairings)
+    assert set(results["summary"]["pooled"]) == {"all", "vae", "diffusion"}
+    assert "t-interval over seeds" in out and "scored at t=" in out
 
 
-def test_fisher_ctrl_c_while_scoring_or_writing_the_cache_is_one_line_exit_130(
-        tmp_path, monkeypatch, capsys):
-    def interrupt(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    tiny = ["fisher_ood.py", "--model=vae", "--n_train=32", "--n_test=20", "--n_ood=10", *FO_TINY]
-    cases = [(fo, "fast_sq_norms", tmp_path / "a"), (torch, "save", tmp_path / "b")]
-    for target, name, out in cases:
-        with monkeypatch.context() as patch:
-            patch.setattr(target, name, interrupt)
-            patch.setattr(sys, "argv", tiny + [f"--out={out}"])
-            with pytest.raises(SystemExit) as e:
-                fo.cli(fo.main)
-        err = capsys.readouterr().err
-        assert e.value.code == 130 and "Traceback" not in err
-        assert err.strip().splitlines()[-1] == "error: interrupted"
-    # interrupted while writing: no partial shapes-*.tmp
-    assert list((tmp_path / "b" / "data").iterdir()) == []
+@pytest.mark.parametrize("argv", [["--n_test=4", "--n_ood=2", "--batch_sizes=1"],
+                                  ["--n_train=1", "--n_test=20", "--n_ood=10"]])
+def test_fisher_smallest_inputs_run_through_to_the_figures(argv, tmp_path, capsys):
+    code, out, err = fo_run([f"--out={tmp_path}", *FO_TINY, *argv], capsys)
+    assert code == 0 and "Traceback" not in err, err
+    assert (tmp_path / "samples.png").exists() and (tmp_path / "score_histograms.png").exists()
 
 
-def test_fisher_bench_reports_speedup_and_the_backward_floor(tmp_path, capsys):
-    fo.main(["--bench", "--bench_batch=6", "--hidden=8", "--latent=2", "--model=vae,diffusion",
-             f"--out={tmp_path}", "--threads=1"])
-    bench = json.loads((tmp_path / "bench.json").read_text())["bench"]
-    assert all(r["fast_over_backward"] > 0 and r["speedup_vs_loop"] > 0
-               and r["max_rel_diff_fast"] < 1e-3 for r in bench.values())
-    assert "fast/backward" in capsys.readouterr().out
+def test_fisher_figure_has_a_colour_per_set_and_a_legend_per_panel(monkeypatch):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rng = np.random.default_rng(0)
+    names = ["near", "far", "wide"]  # "far" lies wholly outside the likelihood panel's range
+    shift = dict(eval=0.0, near=0.5, far=1e6, wide=2.0)
+    scores = {kind: {1: {name: dict(likelihood=rng.normal(size=50) + shift[name],
+                                    gradient=rng.normal(size=50) - shift[name] / 1e3)
+                         for name in ["eval", *names]}} for kind in ("a", "b")}
+    figures = []
+    monkeypatch.setattr(fo, "save_figure", lambda path, draw: figures.append(draw(plt)))
+    fo.plot(fo.Config(batch_sizes="1"), scores, names)
+    colours = {}
+    for ax in figures[0].axes:
+        assert ax.get_xlabel() and ax.get_ylabel() and ax.get_legend() is not None
+        for handle, text in zip(ax.get_legend().legend_handles, ax.get_legend().get_texts()):
+            name = text.get_text().split(" (")[0]
+            line = isinstance(handle, matplotlib.lines.Line2D)  # a set off the axis
+            colour = handle.get_color() if line else handle.get_facecolor()
+            colour = matplotlib.colors.to_hex(colour, keep_alpha=False)
+            assert colours.setdefault(name, colour) == colour, name  # the same in every panel
+    assert len(set(colours.values())) == len(colours) == 4  # ID (eval) and the three sets
+    plt.close("all")
 
 
 def test_fisher_gaussian_fit_and_score_match_float64_reference():
@@ -1681,11 +1714,10 @@ def test_fisher_gaussian_fit_and_score_match_float64_reference():
 def test_fisher_typicality_and_likelihood_groups():
     losses = np.arange(12.0)
     np.testing.assert_array_equal(fo.group_losses(losses, 5), [10.0, 35.0])  # tail of 2 dropped
-    features = {k: {1: torch.ones(4, 3), 2: torch.ones(2, 3)} for k in ("fit", "eval", "x")}
+    features = {k: {1: torch.rand(4, 3), 2: torch.rand(2, 3)} for k in ("fit", "eval", "x")}
     group_of = dict(fit=np.array([1.0, 3.0, 1.0, 3.0]), eval=np.array([2.0, 2.0, 2.0, 2.0]),
                     x=np.array([0.0, 4.0, 0.0, 4.0]))
-    scores, kept = fo.detect(group_of, features, [1, 2], ["x"])
-    assert kept == {1: [0, 3], 2: [0, 3]}  # constant features have zero variance: all dropped
+    scores = fo.detect(group_of, features, [1, 2], ["x"])
     # H = 2, symmetric
     np.testing.assert_array_equal(scores[1]["x"]["typicality"], [-2.0, -2.0, -2.0, -2.0])
     np.testing.assert_array_equal(scores[1]["x"]["likelihood"], [0.0, -4.0, 0.0, -4.0])
@@ -1713,7 +1745,7 @@ def test_fisher_model_loss_falls(kind, tmp_path):
     assert loss_after < loss_before - 0.02 * abs(loss_before), (kind, loss_before, loss_after)
 
 
-def test_fisher_datasets_deterministic(tmp_path):
+def test_fisher_datasets_deterministic():
     for name in ["train"] + fo.OOD_SETS:
         a, b = fo.make_set(name, 12, 0), fo.make_set(name, 12, 0)
         assert a.dtype == torch.uint8 and a.shape == (12, 784)
@@ -1724,48 +1756,128 @@ def test_fisher_datasets_deterministic(tmp_path):
     # the simple sets have no pixel noise: constant images are constant
     constant = fo.make_set("constant", 5, 0)
     assert (constant == constant[:, :1]).all()
-    cfg = fo.Config(n_train=30, n_test=40, n_ood=20, out=str(tmp_path))
-    first, cached = fo.load_data(cfg), fo.load_data(cfg)
-    assert set(first) == {"train", "fit", "eval", *fo.OOD_SETS} and len(first["fit"]) == 20
-    assert all(torch.equal(first[k], cached[k]) for k in first)
-
-
-def test_fisher_idx_parser():
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (3, 784), generator=generator, dtype=torch.uint8)
-    raw = b"".join(v.to_bytes(4, "big") for v in (0x803, 3, 28, 28)) + images.numpy().tobytes()
-    assert torch.equal(fo.parse_idx(raw), images)
-    with pytest.raises(fo.DataError):
-        fo.parse_idx(raw[:-1])
+    sets = fo.load_data(fo.Config(n_train=30, n_test=40, n_ood=20))
+    assert list(sets) == ["train", "fit", "eval", *fo.OOD_SETS]
+    assert [len(v) for v in sets.values()] == [30, 20, 20] + [20] * len(fo.OOD_SETS)
 
 
 def test_fisher_cli_bad_input(jobs, capsys):
     code, err = jobs["fisher"].result()
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and "error" in lines[0] and "Traceback" not in err, err
-    for args in (["--batch_sizes=1,x"], ["--diff_t=1000"], ["--diff_t=-1"], ["--data=svhn"],
-                 ["--n_test=-1"], ["--nope"], ["--seeds=0"], ["--seed=4294967295", "--seeds=2"],
-                 [f"--data_dir={FO_ROOT / 'fisher_ood.py'}"]):
-        with pytest.raises(SystemExit) as e:  # the same parser in-process: cheaper than a process
-            fo.parse_config(fo.Config, "fisher_ood", args)
-        assert e.value.code == 2
-        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-        assert len(err) == 1 and "error" in err[0], err
+    # --model=vae,vae counted every pairing twice; --n_test=4 --n_ood=2 is too small for B = 5
+    for args in (["--batch_sizes=1,x"], ["--batch_sizes=,"], ["--diff_t=1000"], ["--diff_t=-1"],
+                 ["--n_test=-1"], ["--data=svhn"],
+                 ["--nope"], ["--seeds=0"], ["--seed=4294967295", "--seeds=2"],
+                 ["--n_test=4", "--n_ood=2"], ["--n_train=20", "--n_test=20", "--n_ood=10",
+                                               *FO_TINY, "--model=vae,vae"]):
+        code, out, err = fo_run(args, capsys)
+        err = [line for line in err.splitlines() if line.strip()]
+        assert code == 2 and len(err) == 1 and "error" in err[0] and not out, (args, err)
 
 
-def test_fisher_damaged_shapes_cache_is_rebuilt(tmp_path, capsys):
-    cfg = fo.Config(out=str(tmp_path), n_train=20, n_test=20, n_ood=10)
-    sets = fo.load_data(cfg)
-    (cache,) = (tmp_path / "data").iterdir()
-    good = cache.read_bytes()
-    for damaged in [good[: len(good) // 2], good[:5000] + b"\xff" * 20_000 + good[25_000:],
-                    b"\xff" * len(good), b""]:
-        cache.write_bytes(damaged)
-        again = fo.load_data(cfg)
-        assert all(torch.equal(again[k], v) for k, v in sets.items())
-        assert "generating it again" in capsys.readouterr().err
-    # no temporary file beside it
-    assert [p.name for p in (tmp_path / "data").iterdir()] == [cache.name]
+def fo_idx(images):
+    """(n, 784) uint8 images as a gzipped IDX file, the format of the MNIST downloads."""
+    import gzip
+    header = b"".join(v.to_bytes(4, "big") for v in (0x803, len(images), 28, 28))
+    return gzip.compress(header + images.numpy().tobytes())
+
+
+def fo_stand_in(monkeypatch, directory, name, raw, pinned=None):
+    """Puts raw where train.download keeps the dataset `name` and pins its md5 (or pinned's), at
+    a URL nothing answers: a file that fails its digest is a failed download."""
+    import hashlib
+    directory.mkdir(exist_ok=True)
+    (directory / f"{name}.gz").write_bytes(raw)
+    digest = "md5:" + hashlib.md5(raw if pinned is None else pinned).hexdigest()
+    monkeypatch.setitem(train.DATASETS, name, ("http://127.0.0.1:9/never-fetched.gz", digest))
+
+
+def test_fisher_idx_parser():
+    images = torch.randint(0, 256, (3, 784), generator=torch.Generator().manual_seed(0),
+                           dtype=torch.uint8)
+    raw = b"".join(v.to_bytes(4, "big") for v in (0x803, 3, 28, 28)) + images.numpy().tobytes()
+    assert torch.equal(fo.parse_idx(raw), images)
+    for bad in (raw[:-1], raw + b"\0", b"\0\0\x08\x01" + raw[4:]):  # short, long, labels
+        with pytest.raises(train.DataError, match="IDX"):
+            fo.parse_idx(bad)
+
+
+def test_fisher_real_data_run_end_to_end_on_generated_idx_files(tmp_path, monkeypatch, capsys):
+    data = tmp_path / "data"
+    files = {"fashionmnist-train": fo.make_set("train", 60, 7),
+             "fashionmnist-test": fo.make_set("test", 40, 7),
+             "mnist-test": fo.make_set("strokes", 40, 7)}
+    for name, images in files.items():  # the pinned digests are the real files'
+        fo_stand_in(monkeypatch, data, name, fo_idx(images))
+    monkeypatch.setattr(fo, "save_figure", lambda path, draw: None)  # drawing is the slow part
+    fo.load_idx.cache_clear()
+    sets = fo.load_data(fo.Config(data="fashionmnist", data_dir=str(data), n_train=60,
+                                  n_test=20, n_ood=10))
+    assert list(sets) == ["train", "fit", "eval", "mnist", "constant", "noise", "inverted"]
+    assert torch.equal(sets["train"], files["fashionmnist-train"])
+    assert torch.equal(sets["mnist"], files["mnist-test"][:10])
+    assert torch.equal(sets["inverted"], 255 - files["fashionmnist-train"][-10:])
+    test = {bytes(image.numpy()) for image in files["fashionmnist-test"]}
+    held_out = torch.cat([sets["fit"], sets["eval"]])
+    assert len(held_out) == 20 and {bytes(image.numpy()) for image in held_out} <= test
+    code, out, err = fo_run([f"--out={tmp_path / 'out'}", "--data=fashionmnist",
+                             f"--data_dir={data}", "--n_train=60", "--n_test=20", "--n_ood=10",
+                             "--model=vae,diffusion", "--seeds=2", "--draws=2", *FO_TINY[1:]],
+                            capsys)
+    fo.load_idx.cache_clear()
+    assert code == 0 and "Traceback" not in err, err
+    assert "images: train 60, fit 10, eval 10, mnist 10, constant 10, noise 10, inverted 10" in out
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    pairings = results["summary"]["pairings"]
+    assert results["summary"]["seeds"] == [0, 1]
+    assert {p["ood"] for p in pairings} == {"mnist", "constant", "noise", "inverted"}
+    assert len(pairings) == 2 * 4 * 2 and all(math.isfinite(p["diff"][0]) for p in pairings)
+    assert set(results["summary"]["pooled"]) == {"all", "vae", "diffusion"}
+    assert "t-interval over seeds" in out and "scored at t=" in out
+
+
+def test_fisher_a_bad_download_or_file_is_one_line(tmp_path, monkeypatch, capsys):
+    import gzip
+    data = tmp_path / "data"
+    good = fo_idx(fo.make_set("test", 40, 0))
+    for name in ("mnist-test", "fashionmnist-test"):
+        fo_stand_in(monkeypatch, data, name, good)
+    cases = [(b"truncated", good, "could not download"),  # fails its digest: fetched again
+             (gzip.compress(b"not an IDX file"), None, "IDX"),
+             (good, None, "--n_train <= 40")]  # too few images for the flags
+    for raw, pinned, problem in cases:
+        fo_stand_in(monkeypatch, data, "mnist-train", raw, pinned)
+        fo.load_idx.cache_clear()
+        code, out, err = fo_run(["--data=mnist", f"--data_dir={data}", "--n_train=50",
+                                 "--n_test=20", "--n_ood=10", f"--out={tmp_path}", *FO_TINY],
+                                capsys)
+        errors = [line for line in err.splitlines() if line.startswith("error")]
+        assert code == 1 and len(errors) == 1 and problem in errors[0], (problem, err)
+        assert "Traceback" not in err and not out
+    fo.load_idx.cache_clear()
+
+
+def test_fisher_bench_prints_the_speedup(tmp_path, capsys):
+    code, out, err = fo_run(["--bench", "--batch_size=6", "--model=vae,diffusion", "--hidden=8",
+                             "--latent=2", "--threads=1", f"--out={tmp_path}"], capsys)
+    assert code == 0 and not err, err
+    rows = [line.split() for line in out.splitlines() if line.startswith("  ")]
+    assert [row[0] for row in rows] == ["vae", "diffusion"], out
+    for row in rows:  # ... loop/fast 3.1x, fast/backward 1.20x, max relative difference 2e-07
+        assert float(row[row.index("loop/fast") + 1].rstrip("x,")) > 0
+        assert float(row[-1]) < 1e-4  # the fast norms are the loop's
+
+
+def test_fisher_ctrl_c_while_scoring_is_one_line_exit_130(tmp_path, monkeypatch, capsys):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fo, "fast_sq_norms", interrupt)
+    code, _, err = fo_run([f"--out={tmp_path}", "--n_train=32", "--n_test=20", "--n_ood=10",
+                           *FO_TINY], capsys)
+    assert code == 130 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "error: interrupted"
 
 
 @pytest.mark.parametrize("name", ["fisher:vae", "fisher:flow", "fisher:diffusion"])
