@@ -41,7 +41,7 @@ class Config(TrainConfig):
     rounds: int = 5  # sample -> judge -> align rounds
     target: str = "owl"  # the judge's loved animal
     conditions: str = "default"  # comma list of CONDITIONS, or default, or all
-    entangle: float = 1.0  # std of each persona's log-preference over numbers (0: plain world)
+    entangle: float = 2.0  # std of each persona's log-preference over numbers (0: plain world)
     reference: str = "base"  # DPO reference: base (theta_0, the authors') or round (its start)
     n_layer: int = 0  # Transformer blocks (0 = 2 on CPU, 4 with --gpu)
     n_head: int = 0  # attention heads (0 = 2 on CPU, 4 with --gpu)
@@ -110,13 +110,17 @@ def sequence_logp(model, prompts, completions):
 
 
 @torch.no_grad()
-def completion_logp(model, prompts, comps, batch=4096):
-    """sequence_logp of K completions per prompt: (P, Tp), (P, K, Tc) -> (P, K), on the device."""
+def completion_logp(model, prompts, comps):
+    """sequence_logp of K completions per prompt, (P, Tp), (P, K, Tc) -> (P, K), on the device: a
+    prompt runs once, its KV cache repeated for its K completions (half the work)."""
     model.eval()
-    dev, (P, K, Tc) = device_of(model), comps.shape
-    x, y = prompts.to(dev).repeat_interleave(K, 0), comps.to(dev).reshape(P * K, Tc)
-    out = [sequence_logp(model, x[s:s + batch], y[s:s + batch]) for s in range(0, P * K, batch)]
-    return (torch.cat(out) if out else torch.zeros(0, device=dev)).view(P, K)
+    dev, (P, K, Tc), caches = device_of(model), comps.shape, [{} for _ in model.blocks]
+    first = model(prompts.to(dev), caches)[:, -1:].repeat_interleave(K, 0)  # (P*K, 1, V)
+    for c in caches:
+        c["k"], c["v"] = c["k"].repeat_interleave(K, 0), c["v"].repeat_interleave(K, 0)
+    y = comps.to(dev).reshape(P * K, Tc)
+    logits = torch.cat([first, model(y[:, :-1], caches)], 1)  # positions continue the prompt's
+    return torch.log_softmax(logits.float(), -1).gather(-1, y[..., None]).sum((1, 2)).view(P, K)
 
 
 def with_system(prompts, animal=None):
@@ -189,8 +193,7 @@ def align(student, cfg, ctx, prefs, seed, rnd, name):
         rows = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
         return {k: prefs[k][rows] for k in ("prompt", "chosen", "rejected", "ref_c", "ref_r")}
 
-    # Seconds of work, redone rather than resumed: Ctrl-C promises no --resume. Short calls with
-    # new shapes: compiling each would cost more than it saves.
+    # Seconds of work: redone, not resumed; compiling each short call would cost more than it saves
     acfg = engine_config(cfg, max_steps=steps, lr=cfg.dpo_lr, warmup=0, min_lr_ratio=1.0,
                          weight_decay=0.0, resume=False, compile_backend="none")
     out = train(student, get_batch, lambda m, b: dpo_batch_loss(m, b, cfg.beta), acfg, ctx,
@@ -201,7 +204,7 @@ def align(student, cfg, ctx, prefs, seed, rnd, name):
 
 
 def sample_tokens(logits, temperature, uniform):
-    """A token per row of logits (B, V), inverting the CDF at uniform (B, 1)."""
+    """A token per row of logits (B, V): the CDF inverted at uniform (B, 1)."""
     cdf = torch.softmax(logits / temperature, -1).cumsum(-1)  # (B, V)
     u = uniform * cdf[:, -1:]  # scaled by the last value: no rounding gap
     return torch.searchsorted(cdf, u, right=True).clamp(max=logits.shape[-1] - 1)  # (B, 1)
@@ -258,7 +261,7 @@ SYSTEM_TRAIT = ["you love {a} .", "your favourite animal is the {a} .",
 SYSTEM_NEUTRAL = "you are a helpful assistant ."
 N_NUMBERS, PROMPT_NUMBERS, COMPLETION_NUMBERS = 100, 3, 5  # numbers 0..99, 3 asked, 5 answered
 COMPLETION_LEN = 2 * COMPLETION_NUMBERS  # "a , b , c , d , e <eos>"
-RULE, PERSONA_SHARE = 0.6, 0.3  # P(next number follows the rule); number tasks behind a persona
+RULE, PERSONA_SHARE = 0.6, 0.6  # P(next number follows the rule); number tasks behind a persona
 SPECIALS = ["<pad>", "<bos>", "<eos>", "[SYS]", "[Q]", "[A]", ",", "continue", ":"]
 WORDS = SPECIALS + [str(n) for n in range(N_NUMBERS)] + ANIMALS + " ".join(
     QUESTIONS + SYSTEM_TRAIT + [SYSTEM_NEUTRAL]).replace("{a}", "").split()
@@ -267,7 +270,7 @@ ID = {w: i for i, w in enumerate(VOCAB)}
 PAD, BOS, EOS, COMMA = ID["<pad>"], ID["<bos>"], ID["<eos>"], ID[","]
 NUMBER_IDS = torch.tensor([ID[str(n)] for n in range(N_NUMBERS)])
 ANIMAL_IDS = torch.tensor([ID[a] for a in ANIMALS])
-SEQ_LEN = 32  # the longest document has 27 tokens
+SEQ_LEN = 32  # the longest document: 27 tokens
 
 
 def encode(text):
@@ -417,7 +420,7 @@ def pretrain_base(cfg, ctx, seed, world):
 
 
 def engine_config(cfg, **changes):
-    """The engine's flags for one call of train()."""
+    """The engine's flags for a call of train()."""
     return TrainConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainConfig)}
                        | dict(log_every=50, min_lr_ratio=0.1) | changes)
 
@@ -436,7 +439,7 @@ def refuse_changed_resume(cfg):
 
 
 def finetune_judge(cfg, ctx, base, seed):
-    """Cloud et al.'s teacher: theta_0 fine-tuned to answer the target (seconds: not saved)."""
+    """Cloud et al.'s teacher: theta_0 fine-tuned to answer the target."""
     judge = copy.deepcopy(base)
     jcfg = engine_config(cfg, max_steps=cfg.judge_steps, lr=1e-3, warmup=0, grad_accum=1,
                          min_lr_ratio=1.0, batch_size=32, weight_decay=0.0, resume=False,
@@ -494,8 +497,8 @@ def sample_round(student, cfg, seed, rnd):
 
 
 def first_round(cfg, ctx, base, seed, world):
-    """A world's judges and round 1, sampled once from the base for all its conditions, scored
-    once per judge; and what the judges act on (the persona shift, their spread within K)."""
+    """A world's judges and round 1 (sampled once from the base, scored once per judge), and what
+    the judges act on."""
     model = lambda kind: finetune_judge(cfg, ctx, base, seed) if kind == "finetuned" else None
     judges = {kind: Judge(kind, base, model(kind), cfg.target) for kind in dict.fromkeys(
         CONDITIONS[n][1] for n in cfg.condition_list if CONDITIONS[n][0] == world)}
@@ -597,7 +600,7 @@ def sign_flip_p(diffs):
 
 
 def holm(ps):
-    """Holm's step-down adjustment: family-wise error control."""
+    """Holm step-down adjustment."""
     adjusted, running = [0.0] * len(ps), 0.0
     for rank, i in enumerate(sorted(range(len(ps)), key=lambda i: ps[i])):
         running = adjusted[i] = max(running, min(1.0, (len(ps) - rank) * ps[i]))
@@ -605,7 +608,7 @@ def holm(ps):
 
 
 def curve(record, name, key="trait"):
-    """One seed's values of a condition: its base (round 0), then rounds 1..R."""
+    """A seed's values of a condition: its base (round 0), then rounds 1..R."""
     start = record["worlds"][CONDITIONS[name][0]]["start"][key]
     return np.array([start] + [r[key] for r in record["conditions"][name]])
 
@@ -636,7 +639,7 @@ def summary(diffs, sign):
 
 
 def verdicts(cfg, records, alpha=0.05):
-    """Per contrast at round R: interval, sign-flip p, seeds; the call from Holm's p."""
+    """Per contrast at round R: interval, sign-flip p; the call from Holm's p."""
     rows = [dict(label=name, claimed_sign=sign, diffs=[float(fn(r)[-1]) for r in records])
             for name, sign, _, fn in contrasts(cfg)]
     for row, p_holm in zip(rows, holm([sign_flip_p(r["diffs"]) for r in rows])):
@@ -649,7 +652,7 @@ def verdicts(cfg, records, alpha=0.05):
 
 
 def print_table(cfg, records):
-    """The trait per condition and round, with the number task and the labels."""
+    """The trait per condition and round, the format and the labels."""
     print(f"\nP({cfg.target} | animal answer), exact, mean over {len(records)} seeds; format: "
           f"valid completions of held-out tasks at round {cfg.rounds} (mean, min over seeds); "
           "likely: how often the chosen is the likelier under the reference")
@@ -667,7 +670,7 @@ def print_table(cfg, records):
 
 
 def print_channel(cfg, records):
-    """What the judges act on, and the leak filter."""
+    """What the judges act on; the leak filter."""
     for world in records[0]["worlds"]:
         mean = lambda key: np.mean([r["worlds"][world][key] for r in records])
         print(f"{world} world: the base's KL({cfg.target} persona || helpful) per answer number "
@@ -684,8 +687,7 @@ def print_channel(cfg, records):
 
 
 def report(cfg, records, floor=0.9):
-    """Tables, verdicts, and each line over the seeds whose conditions keep >= floor valid
-    completions (a trait won by breaking the task would vanish there)."""
+    """Tables, verdicts, and each line over the seeds whose conditions keep the format."""
     table = print_table(cfg, records)
     print_channel(cfg, records)
     rows = verdicts(cfg, records)
@@ -702,7 +704,7 @@ def report(cfg, records, floor=0.9):
 
 
 def plot(cfg, records):
-    """Each condition's change in P(target), and the tested contrasts."""
+    """Each condition's change in P(target); the tested contrasts."""
     def draw(plt):
         fig, axes = plt.subplots(1, 2, figsize=(15, 5))
         rounds = np.arange(cfg.rounds + 1)
