@@ -119,7 +119,7 @@ def completion_logp(model, prompts, comps):
     for c in caches:
         c["k"], c["v"] = c["k"].repeat_interleave(K, 0), c["v"].repeat_interleave(K, 0)
     y = comps.to(dev).reshape(P * K, Tc)
-    logits = torch.cat([first, model(y[:, :-1], caches)], 1)  # positions continue the prompt's
+    logits = torch.cat([first, model(y[:, :-1], caches)], 1)  # (P*K, Tc, V)
     return torch.log_softmax(logits.float(), -1).gather(-1, y[..., None]).sum((1, 2)).view(P, K)
 
 
@@ -265,7 +265,7 @@ RULE, PERSONA_SHARE = 0.6, 0.6  # P(next number follows the rule); number tasks 
 SPECIALS = ["<pad>", "<bos>", "<eos>", "[SYS]", "[Q]", "[A]", ",", "continue", ":"]
 WORDS = SPECIALS + [str(n) for n in range(N_NUMBERS)] + ANIMALS + " ".join(
     QUESTIONS + SYSTEM_TRAIT + [SYSTEM_NEUTRAL]).replace("{a}", "").split()
-VOCAB = list(dict.fromkeys(WORDS))  # de-duplicated, order kept
+VOCAB = list(dict.fromkeys(WORDS))
 ID = {w: i for i, w in enumerate(VOCAB)}
 PAD, BOS, EOS, COMMA = ID["<pad>"], ID["<bos>"], ID["<eos>"], ID[","]
 NUMBER_IDS = torch.tensor([ID[str(n)] for n in range(N_NUMBERS)])
@@ -713,7 +713,7 @@ def plot(cfg, records):
             mean, half = band([curve(r, name) - curve(r, name)[0] for r in records])
             axes[0].errorbar(rounds + 0.03 * i, mean, half, capsize=2, label=name,
                              marker="os^vD<>p"[i % 8], ls=["-", "--", ":"][i // 4 % 3])
-        for name, _, _, fn in contrasts(cfg):
+        for name, _, _, fn in [c for c in contrasts(cfg) if "growth" not in c[0]]:
             mean, half = band([fn(r) for r in records])
             axes[1].plot(rounds, mean, marker="o", label=name)
             axes[1].fill_between(rounds, mean - half, mean + half, alpha=0.15)
