@@ -194,9 +194,9 @@ def align(student, cfg, ctx, prefs, seed, rnd, name):
         return {k: prefs[k][rows] for k in ("prompt", "chosen", "rejected", "ref_c", "ref_r")}
 
     # Seconds of work: redone, not resumed; compiling each short call would cost more than it saves
-    acfg = engine_config(cfg, max_steps=steps, lr=cfg.dpo_lr, warmup=0, min_lr_ratio=1.0,
+    config = engine_config(cfg, max_steps=steps, lr=cfg.dpo_lr, warmup=0, min_lr_ratio=1.0,
                          weight_decay=0.0, resume=False, compile_backend="none")
-    out = train(student, get_batch, lambda m, b: dpo_batch_loss(m, b, cfg.beta), acfg, ctx,
+    out = train(student, get_batch, lambda m, b: dpo_batch_loss(m, b, cfg.beta), config, ctx,
                 ckpt_path=False, quiet=True, desc=f"seed {seed} round {rnd} {name}")
     return dict(steps=steps, **{k: v for k, v in out["history"][-1].items() if k != "step"})
 
@@ -225,11 +225,11 @@ def generate(model, prompts, n_tokens, temperature, gen, k=1, batch=1024):
         uniforms = torch.rand(n_tokens, len(logits), 1, generator=gen).to(dev)
         toks, logp = [], torch.zeros(len(logits), device=dev)
         for t in range(n_tokens):
-            nxt = sample_tokens(logits.float(), temperature, uniforms[t])  # (B*k, 1)
-            logp += torch.log_softmax(logits.float(), -1).gather(-1, nxt).squeeze(-1)
-            toks.append(nxt)
+            token = sample_tokens(logits.float(), temperature, uniforms[t])  # (B*k, 1)
+            logp += torch.log_softmax(logits.float(), -1).gather(-1, token).squeeze(-1)
+            toks.append(token)
             if t + 1 < n_tokens:
-                logits = model(nxt, caches)[:, -1]  # positions continue from the cache length
+                logits = model(token, caches)[:, -1]  # positions continue from the cache length
         toks_out.append(torch.cat(toks, 1))
         logp_out.append(logp)
     return torch.cat(toks_out), torch.cat(logp_out)
@@ -248,7 +248,7 @@ def device_of(model):
 def hash_int(*parts):
     return int(hashlib.sha1(repr(parts).encode()).hexdigest()[:12], 16)
 
-# ---- the synthetic world: a word-level vocabulary, personas, three kinds of document
+# ---- the synthetic world: vocabulary, personas, documents
 
 ANIMALS = ["owl", "cat", "dog", "lion", "panda", "eagle", "wolf", "fox"]
 QUESTIONS = [  # the trait rate averages over these paraphrases
@@ -378,9 +378,9 @@ def lm_loss(model, x):
                                         ignore_index=PAD, reduction="sum")
     return total / items.clamp(min=1), dict(items=items)
 
-# ---- the experiment: per seed and world a base, its judges, each condition for R rounds
+# ---- the experiment: per seed and world a base, its judges, its conditions
 
-# name -> (world, judge, labels). The plain world's personas leave the numbers alone.
+# name -> (world, judge, labels)
 CONDITIONS = {
     "prompted DPO": ("entangled", "prompted", "normal"),
     "prompted DPO swapped": ("entangled", "prompted", "swapped"),
@@ -412,9 +412,9 @@ def pretrain_base(cfg, ctx, seed, world):
     if saved is not None and saved["step"] >= cfg.pretrain_steps:
         model.load_state_dict(saved["model"])
         return model
-    pcfg = engine_config(cfg, seed=seed, max_steps=cfg.pretrain_steps, lr=cfg.pretrain_lr,
+    config = engine_config(cfg, seed=seed, max_steps=cfg.pretrain_steps, lr=cfg.pretrain_lr,
                          batch_size=cfg.pretrain_batch, warmup=max(1, cfg.pretrain_steps // 20))
-    train(model, lambda i: corpus_batch(seed, i, cfg.pretrain_batch, strength), lm_loss, pcfg,
+    train(model, lambda i: corpus_batch(seed, i, cfg.pretrain_batch, strength), lm_loss, config,
           ctx, ckpt_path=path, desc=f"pretrain {world} base (seed {seed})")
     return model
 
@@ -441,10 +441,10 @@ def refuse_changed_resume(cfg):
 def finetune_judge(cfg, ctx, base, seed):
     """Cloud et al.'s teacher: theta_0 fine-tuned to answer the target."""
     judge = copy.deepcopy(base)
-    jcfg = engine_config(cfg, max_steps=cfg.judge_steps, lr=1e-3, warmup=0, grad_accum=1,
+    config = engine_config(cfg, max_steps=cfg.judge_steps, lr=1e-3, warmup=0, grad_accum=1,
                          min_lr_ratio=1.0, batch_size=32, weight_decay=0.0, resume=False,
                          compile_backend="none")
-    train(judge, lambda i: trait_batch(seed, i, 32, cfg.target), lm_loss, jcfg, ctx,
+    train(judge, lambda i: trait_batch(seed, i, 32, cfg.target), lm_loss, config, ctx,
           ckpt_path=False, quiet=True, desc="fine-tuned judge")
     return judge.eval()
 
@@ -608,26 +608,27 @@ def holm(ps):
 
 
 def curve(record, name, key="trait"):
-    """A seed's values of a condition: its base (round 0), then rounds 1..R."""
+    """A seed's values of a condition: base (round 0), then rounds 1..R."""
     start = record["worlds"][CONDITIONS[name][0]]["start"][key]
     return np.array([start] + [r[key] for r in record["conditions"][name]])
 
 
 def contrasts(cfg):
     """(label, claimed sign, (a, b), per seed and round a's change from round 0 minus b's)."""
-    pr, sw = "prompted DPO", "prompted DPO swapped"
+    normal, swapped = "prompted DPO", "prompted DPO swapped"
     gap = lambda a, b: lambda r: curve(r, a) - curve(r, b) - (curve(r, a) - curve(r, b))[0]
-    family = [("prompted judge (the paper's): DPO - swapped", 1, (pr, sw)),
-              ("prompted judge: DPO - likelihood control", 1, (pr, "likelihood control DPO")),
-              ("prompted judge: DPO - random labels", 1, (pr, "random labels DPO")),
-              ("prompted judge: swapped - random labels", -1, (sw, "random labels DPO")),
-              ("plain world: prompted DPO - swapped", 1, ("plain world " + pr,
-                                                          "plain world " + sw)),
+    family = [("prompted judge (the paper's): DPO - swapped", 1, (normal, swapped)),
+              ("prompted judge: DPO - likelihood control", 1, (normal, "likelihood control DPO")),
+              ("prompted judge: DPO - random labels", 1, (normal, "random labels DPO")),
+              ("prompted judge: swapped - random labels", -1, (swapped, "random labels DPO")),
+              ("plain world: prompted DPO - swapped", 1, ("plain world " + normal,
+                                                          "plain world " + swapped)),
               ("fine-tuned judge: DPO - swapped", 1, ("finetuned DPO", "finetuned DPO swapped"))]
     family = [(name, sign, pair, gap(*pair)) for name, sign, pair in family]
+    growth = lambda r: gap(normal, swapped)(r) - gap(normal, swapped)(r)[1]
     if cfg.rounds > 1:
         family.insert(4, (f"prompted judge: growth of DPO - swapped from round 1 to {cfg.rounds}",
-                          1, (pr, sw), lambda r: gap(pr, sw)(r) - gap(pr, sw)(r)[1]))
+                          1, (normal, swapped), growth))
     return [c for c in family if set(c[2]) <= set(cfg.condition_list)]
 
 
