@@ -572,6 +572,8 @@ def run_seeds(cfg, ctx):
         workers > 1) else None
     try:
         for record in (pool.imap if pool else map)(_run_seed_job, [(cfg, ctx, s) for s in seeds]):
+            if not isinstance(record, dict):
+                sys.exit(record)
             records.append(record)
             print(seed_line(record), flush=True)
     finally:  # also after Ctrl-C or a failed seed: stop the workers before the one error line
@@ -583,7 +585,10 @@ def run_seeds(cfg, ctx):
 
 
 def _run_seed_job(args):
-    return run_seed(*args)
+    try:
+        return run_seed(*args)
+    except SystemExit as e:  # a worker's exit would hang the pool: its line is out, pass the code
+        return e.code
 
 
 def sign_flip_p(diffs):
@@ -681,10 +686,7 @@ def print_channel(cfg, records):
     count = lambda key: sum(x["filter"][key] for x in rounds)
     print(f"leak filter: dropped {count('dropped')} of {count('completions')} completions")
     if empty := sum(x["pairs"] < cfg.batch_size for x in rounds):
-        bases = min(w["start"]["format_rate"] for r in records for w in r["worlds"].values())
-        print(f"warning: {empty} rounds had under one batch of valid pairs: " + (
-            "the base never learned the task (raise --pretrain_steps)" if bases < 0.5 else
-            "the student broke the format (lower --dpo_lr)"))
+        print(f"warning: {empty} rounds had under a batch of valid pairs (format lost: see above)")
 
 
 def report(cfg, records, floor=0.9):

@@ -1262,6 +1262,18 @@ def test_subliminal_seeds_in_parallel_processes_equal_one_after_another(tmp_path
     assert json.dumps(runs[0]) == json.dumps(runs[1]) and [r["seed"] for r in runs[1]] == [0, 1]
 
 
+def test_subliminal_an_exit_in_a_worker_ends_the_run(tmp_path, monkeypatch, capsys):
+    # The engine's one-line exits (a nan loss, a refused --resume) raise SystemExit, which a pool
+    # worker does not hand back: Pool.imap waited for ever. Now the run ends with its code.
+    monkeypatch.setattr(sd, "POOL_START", "fork")
+    monkeypatch.setattr(sd, "run_seed", lambda cfg, ctx, seed: train.die("the loss is nan", 1))
+    cfg = sd.parse_config(sd.Config, "subliminal_dpo", SUBLIMINAL_TINY + [
+        "--seeds=2", "--workers=2", f"--out={tmp_path}"])
+    with pytest.raises(SystemExit) as e:
+        sd.run_seeds(cfg, train.Ctx(torch.device("cpu"), False))
+    assert e.value.code == 1
+
+
 def quiet_lines(text):
     return [line for line in text.splitlines() if line.strip() and "it/s" not in line]
 
