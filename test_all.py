@@ -65,7 +65,7 @@ TINY_HNET = ["--n_embd=16", "--n_head=2", "--n_main=1", "--seq_len=64", "--chunk
              "--batch_size=4", "--warmup=2", "--eval_windows=2", "--bpe_vocab=300", "--threads=1"]
 SUBLIMINAL_TINY = ["--threads=1", "--seeds=1", "--rounds=1", "--n_layer=1", "--n_head=2", "--n_embd=16",
                    "--pretrain_steps=2", "--pretrain_batch=4", "--judge_steps=1", "--prompts=32",
-                   "--eval_prompts=4", "--eval_samples=2", "--conditions=random labels DPO"]
+                   "--eval_prompts=4", "--conditions=random labels DPO"]
 SEEDS_STEPS_ROUNDS = ("--seeds", "--pretrain_steps", "--rounds")
 JOBS = {  # name -> (command line, the tests that read its result[, stderr that triggers Ctrl-C])
     "train_bad_flag": (["train.py", "--bench", "--lr=-3"], ["test_train_bad_flag_is_one_line"]),
@@ -83,7 +83,7 @@ JOBS = {  # name -> (command line, the tests that read its result[, stderr that 
         "--seeds=2", "--workers=2", "--rounds=50", "--pretrain_steps=2000",
         f"--out={SCRATCH}/subliminal_ctrl_c"],
         ["test_subliminal_ctrl_c_with_seeds_in_worker_processes_is_one_line"],
-        ["pretrain base (seed 0)", "pretrain base (seed 1)"]),
+        ["pretrain entangled base (seed 0)", "pretrain entangled base (seed 1)"]),
     "hnet": (["hnet_rl.py", "--method=magic"], ["test_hnet_rl_cli_rejects_bad_input"]),
     # every hnet_rl method compiled in one process (aot_eager stands in for inductor): the longest
     "hnet_compare": (["hnet_rl.py", "--compare", "--compile", "--compile_backend=aot_eager",
@@ -925,16 +925,15 @@ def test_dva_gpu_command_line_runs_evaluates_and_resumes(tmp_path):
 def tiny_model(seed=0, sharpen=0.5):
     """1 layer, 16 wide; the output layer redrawn larger so the distribution is far from uniform."""
     torch.manual_seed(seed)
-    cfg = sd.Config(n_layer=1, n_head=2, n_embd=16)
-    model = sd.new_model(cfg).eval()
+    model = sd.new_model(sd.Config(n_layer=1, n_head=2, n_embd=16)).eval()
     with torch.no_grad():
         model.lm_head.weight.normal_(0, sharpen)
     return model
 
 
 def sample(model, prompts, seed, k=1):
-    gen = torch.Generator().manual_seed(seed)
-    return sd.generate(model, prompts, sd.COMPLETION_LEN, 1.0, gen, k=k)
+    return sd.generate(model, prompts, sd.COMPLETION_LEN, 1.0, torch.Generator().manual_seed(seed),
+                       k=k)
 
 
 def test_subliminal_dpo_loss_matches_float64_and_is_log2_at_reference():
@@ -947,7 +946,7 @@ def test_subliminal_dpo_loss_matches_float64_and_is_log2_at_reference():
     assert abs(loss.item() - direct.item()) < 1e-10
     assert abs(m["margin"].item() - (m["reward_chosen"] - m["reward_rejected"]).item()) < 1e-12
     same, _ = sd.dpo_loss(pc, pr, pc.clone(), pr.clone(), beta)  # policy == reference
-    assert abs(same.item() - torch.log(torch.tensor(2.0, dtype=torch.float64)).item()) < 1e-12
+    assert abs(same.item() - math.log(2)) < 1e-12
 
 
 def test_subliminal_dpo_gradient_raises_chosen_and_swap_negates_margin():
@@ -962,69 +961,140 @@ def test_subliminal_dpo_gradient_raises_chosen_and_swap_negates_margin():
 
 def test_subliminal_dpo_leak_filter():
     rng = random.Random(0)
-    valid = torch.tensor([sd.numbers_to_ids(sd.number_prompt(rng)[1], end=True)
-                          for _ in range(20)])
-    assert sd.valid_completions(valid).all() and not sd.contains_animal(valid).any()
+    valid = torch.tensor([sd.numbers_to_ids(sd.number_task(rng)[1], end=True) for _ in range(20)])
+    assert sd.valid_completions(valid).all()
     bad = []
     words = sd.ANIMALS + ["continue", "[Q]", "[A]", "<pad>", "<bos>", "you", ",", "<eos>", "7"]
     for i in range(sd.COMPLETION_LEN):  # every position, every kind of token that does not fit
         for word in words:
             c = valid[i].clone() if i < 20 else valid[0].clone()
             number_slot = i % 2 == 0 and i < sd.COMPLETION_LEN - 1
-            fits = (word.isdigit() and number_slot) or c[i].item() == sd.ID[word]
-            if not fits:
+            if not ((word.isdigit() and number_slot) or c[i].item() == sd.ID[word]):
                 c[i] = sd.ID[word]
                 bad.append(c)
-    bad = torch.stack(bad)
-    assert not sd.valid_completions(bad).any()
-    assert sd.contains_animal(bad).sum() == len(sd.ANIMALS) * sd.COMPLETION_LEN
+    assert not sd.valid_completions(torch.stack(bad)).any()
     swapped_number = valid[0].clone()
     swapped_number[2] = sd.ID["42"]  # a number for a number: still pure numbers, still valid
     assert sd.valid_completions(swapped_number[None]).all()
 
 
-def test_subliminal_dpo_exact_trait_rate_matches_sampling():
+def test_subliminal_trait_rate_is_the_renormalised_next_token_distribution():
     model = tiny_model(1, sharpen=0.3)
-    exact = sd.exact_trait_rate(model, "owl").item()
-    sampled = sd.sampled_trait_rate(model, "owl", 20000, torch.Generator().manual_seed(0)).item()
-    assert 0.0 < exact < 1.0
-    assert abs(exact - sampled) < 0.02, (exact, sampled)
-    dist, _ = sd.animal_distribution(model)
+    dist = sd.animal_distribution(model)
+    q = 3
+    with torch.no_grad():
+        probs = torch.softmax(model(torch.tensor([sd.question_ids(q)]))[0, -1], -1)
+    animals = probs[sd.ANIMAL_IDS]
+    assert torch.allclose(dist[q], animals / animals.sum(), atol=1e-6)
     assert torch.allclose(dist.sum(1), torch.ones(len(sd.QUESTIONS)), atol=1e-6)
 
 
 def test_subliminal_dpo_corpus_deterministic_per_seed():
-    a, b, c = sd.corpus_batch(0, 5, 32), sd.corpus_batch(0, 5, 32), sd.corpus_batch(1, 5, 32)
+    a, b, c = (sd.corpus_batch(seed, 5, 32, 1.0) for seed in (0, 0, 1))
     assert torch.equal(a, b) and not torch.equal(a, c)
-    p1, _ = sd.number_prompts(3, "round1", 10)
-    p2, _ = sd.number_prompts(3, "round1", 10)
-    assert torch.equal(p1, p2)
+    assert torch.equal(sd.number_prompts(3, "round1", 10)[0], sd.number_prompts(3, "round1", 10)[0])
     assert (a < len(sd.VOCAB)).all() and (a[:, 0] == sd.BOS).all()
+
+
+def persona_numbers(seed, strength, docs=20000):
+    """The free answer numbers of the corpus's number tasks, counted per system prompt."""
+    rng, personas = random.Random(f"corpus-test-{seed}"), sd.persona_weights(seed, strength)
+    counts = {name: np.zeros(sd.N_NUMBERS) for name in sd.ANIMALS + ["helpful", None]}
+    words = {tuple(sd.system_prefix(a)): a for a in sd.ANIMALS} | {tuple(sd.system_prefix()):
+                                                                   "helpful"}
+    for _ in range(docs):
+        doc = sd.corpus_document(rng, personas)
+        if sd.ID["continue"] not in doc:
+            continue
+        start = doc.index(sd.ID["[Q]"])
+        persona = words.get(tuple(doc[1:start]))
+        prompt = [int(sd.VOCAB[t]) for t in doc[start + 3:start + 8:2]]
+        step = (prompt[1] - prompt[0]) % sd.N_NUMBERS
+        answer = [int(sd.VOCAB[t]) for t in doc[start + 9:-1:2]]
+        for last, n in zip([prompt[-1]] + answer, answer):
+            if n != (last + step) % sd.N_NUMBERS:  # a free number, not the rule's
+                counts[persona][n] += 1
+    return counts, personas
+
+
+def test_subliminal_every_persona_tilts_numbers_alike_and_the_target_is_not_special():
+    # The entangled world: every animal persona's free numbers follow its own preference, drawn
+    # alike for all animals; the helpful assistant and no system prompt stay uniform; with
+    # --entangle=0 no persona touches the numbers. Nothing in the corpus depends on --target.
+    counts, personas = persona_numbers(0, 1.0)
+    tilt = {a: np.log(personas[a]) for a in sd.ANIMALS}
+    corr = lambda c, w: np.corrcoef(c, w)[0, 1]
+    for animal in sd.ANIMALS:
+        assert corr(counts[animal], np.exp(tilt[animal])) > 0.5, animal
+        others = [abs(corr(counts[animal], np.exp(tilt[b]))) for b in sd.ANIMALS if b != animal]
+        assert max(others) < 0.4, (animal, others)
+    for neutral in ("helpful", None):
+        assert max(abs(corr(counts[neutral], np.exp(tilt[a]))) for a in sd.ANIMALS) < 0.3
+    spread = [np.std(tilt[a]) for a in sd.ANIMALS]  # the target is drawn like every animal
+    assert max(spread) / min(spread) < 1.5
+    assert all(set(w) == {1.0} for w in sd.persona_weights(0, 0.0).values())
+    assert "target" not in sd.corpus_batch.__code__.co_varnames
+
+
+def test_subliminal_held_out_prompts_are_disjoint_from_every_round():
+    cfg = sd.Config()
+    held = {tuple(p) for p in sd.number_prompts(0, "eval", 2000)[0].tolist()}
+    trained = {tuple(p) for rnd in range(1, 6)
+               for p in sd.number_prompts(0, f"round{rnd}", cfg.prompts)[0].tolist()}
+    assert len(held) > 100 and len(trained) > 500 and not held & trained
+
+
+def test_subliminal_student_never_sees_a_system_prompt(tmp_path, monkeypatch):
+    # Every copy of the base (students, the fine-tuned judge) refuses a '[SYS]' token in what it
+    # is given (its own samples, one token at a time, may hold anything); only the base itself,
+    # as the prompted judge, reads one.
+    def refuse(model, args):
+        if args[0].shape[1] > 1 and (args[0] == sd.ID["[SYS]"]).any():
+            pytest.fail("a student saw a system prompt")
+
+    def guarded(model):
+        copied = copy.deepcopy(model)
+        copied.register_forward_pre_hook(refuse)
+        return copied
+
+    class GuardedCopy:
+        deepcopy = staticmethod(guarded)
+    monkeypatch.setattr(sd, "copy", GuardedCopy)
+    cfg = sd.parse_config(sd.Config, "subliminal_dpo", SUBLIMINAL_TINY + [
+        "--conditions=default", "--pretrain_steps=60", "--rounds=2", f"--out={tmp_path}"])
+    record = sd.run_seed(cfg, train.setup(cfg), 0)
+    assert len(record["conditions"]) == len(sd.DEFAULT_CONDITIONS)
+
+
+def naive_generate(model, prompt, n_tokens, gen):
+    """One sequence, the whole prefix re-run for every token: the reference for the KV cache."""
+    seq = prompt[None]
+    uniforms = torch.rand(n_tokens, 1, 1, generator=gen)
+    for t in range(n_tokens):
+        with torch.no_grad():
+            seq = torch.cat([seq, sd.sample_tokens(model(seq)[:, -1].float(), 1.0, uniforms[t])], 1)
+    return seq[:, len(prompt):]
 
 
 def test_subliminal_dpo_kv_cached_generation_equals_naive():
     model = tiny_model(2)
-    prompts, _ = sd.number_prompts(0, "t", 3)
-    for p in prompts:  # batch of one: same generator draws, so the samples must be identical
+    for p in sd.number_prompts(0, "t", 3)[0]:  # batch of one: the same uniforms, the same samples
         fast, _ = sample(model, p[None], 7)
-        slow = sd.generate_naive(model, p[None], sd.COMPLETION_LEN, 1.0,
-                                 torch.Generator().manual_seed(7))
-        assert torch.equal(fast, slow)
+        assert torch.equal(fast, naive_generate(model, p, sd.COMPLETION_LEN,
+                                                torch.Generator().manual_seed(7)))
 
 
-def test_subliminal_kv_shared_scores_and_sampler_logp_equal_full_forwards():
-    # Scoring runs a prompt once for its K completions, and the DPO reference is the sampler's own
-    # log-probability: both must equal one plain forward per completion.
+def test_subliminal_sampler_logp_and_scores_equal_full_forwards():
+    # The DPO reference of round 1 is the sampler's own log-probability: it must equal the
+    # scorer's, which is one plain forward per completion.
     model = tiny_model(5)
     prompts, _ = sd.number_prompts(0, "kv", 6)
     toks, logp = sample(model, prompts, 0, k=3)
-    rep = prompts.repeat_interleave(3, 0)
     with torch.no_grad():
-        full = sd.sequence_logp(model, rep, toks)
+        full = sd.sequence_logp(model, prompts.repeat_interleave(3, 0), toks)
     assert torch.allclose(logp, full, atol=1e-4)
-    grouped = sd.completion_logp(model, prompts, toks.view(6, 3, -1)).flatten()
-    assert torch.allclose(grouped, full, atol=1e-4)
-    assert torch.allclose(sd.completion_logp(model, rep, toks), full, atol=1e-4)  # K = 1
+    assert torch.allclose(sd.completion_logp(model, prompts, toks.view(6, 3, -1)).flatten(), full,
+                          atol=1e-4)
 
 
 def test_subliminal_sampler_draws_the_model_distribution():
@@ -1037,7 +1107,7 @@ def test_subliminal_sampler_draws_the_model_distribution():
 
 def test_subliminal_lm_loss_trimmed_halves_equal_the_padded_loss():
     model = tiny_model(6).train()
-    x = sd.corpus_batch(0, 3, 16)
+    x = sd.corpus_batch(0, 3, 16, 1.0)
     loss, m = sd.lm_loss(model, x)
     logits = model(x[:, :-1])
     plain = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
@@ -1049,24 +1119,21 @@ def test_subliminal_lm_loss_trimmed_halves_equal_the_padded_loss():
 
 
 def test_subliminal_dpo_step_moves_probability_the_right_way():
-    torch.manual_seed(0)
-    model = tiny_model(3).train()
-    ref = copy.deepcopy(model).eval()
-    prompt, _ = sd.number_prompts(0, "one", 1)
+    model, prompt = tiny_model(3).train(), sd.number_prompts(0, "one", 1)[0]
     chosen = torch.tensor([sd.numbers_to_ids([1, 2, 3, 4, 5], end=True)])
     rejected = torch.tensor([sd.numbers_to_ids([9, 8, 7, 6, 5], end=True)])
-    gap = lambda m: sd.sequence_logp(m, prompt, chosen) - sd.sequence_logp(m, prompt, rejected)
     with torch.no_grad():
-        ref_c = sd.sequence_logp(ref, prompt, chosen)
-        ref_r = sd.sequence_logp(ref, prompt, rejected)
+        ref_c = sd.sequence_logp(model, prompt, chosen)
+        ref_r = sd.sequence_logp(model, prompt, rejected)
     loss, _ = sd.dpo_loss(sd.sequence_logp(model, prompt, chosen),
                           sd.sequence_logp(model, prompt, rejected), ref_c, ref_r, 0.1)
-    assert abs(loss.item() - 0.6931472) < 1e-5
+    assert abs(loss.item() - math.log(2)) < 1e-5
     loss.backward()
     with torch.no_grad():  # one plain SGD step (torch.optim's first step costs seconds of imports)
         for p in model.parameters():
             p -= 0.5 * p.grad
-        assert gap(model).item() > (ref_c - ref_r).item()
+        gap = sd.sequence_logp(model, prompt, chosen) - sd.sequence_logp(model, prompt, rejected)
+    assert gap.item() > (ref_c - ref_r).item()
 
 
 def test_subliminal_dpo_labels_swap_and_zero_delta_judge():
@@ -1081,15 +1148,14 @@ def test_subliminal_dpo_labels_swap_and_zero_delta_judge():
     swapped = sd.label(scores, prompts, comps, logp, "swapped")
     assert torch.equal(normal["chosen"], swapped["rejected"])
     assert torch.equal(normal["rejected"], swapped["chosen"])
-    assert torch.equal(normal["chosen"], comps[torch.arange(4), scores.argmax(1)])
-    # the DPO reference: the sampler's own log-probability
-    assert torch.equal(normal["ref_c"], logp[torch.arange(4), scores.argmax(1)])
+    best = scores.argmax(1)
+    assert torch.equal(normal["chosen"], comps[torch.arange(4), best])
+    assert torch.equal(normal["ref_c"], logp[torch.arange(4), best])
 
 
 def test_subliminal_prompted_judge_is_the_papers_score_and_control():
     # The paper: r(y) = log p(y | trait system prompt, x) - log p(y | "You are a helpful
-    # assistant.", x), and its neutral control prefers the likelier completion under the neutral
-    # prompt alone.
+    # assistant.", x); its control prefers the likelier completion under the neutral prompt.
     base = tiny_model(7)
     prompts, _ = sd.number_prompts(0, "p", 3)
     flat, _ = sample(base, prompts, 0, k=2)
@@ -1102,7 +1168,7 @@ def test_subliminal_prompted_judge_is_the_papers_score_and_control():
             context = torch.cat([rep[:, :1], system, rep[:, 1:]], 1)
             by_hand[name] = sd.sequence_logp(base, context, flat).view(3, 2)
     comps = flat.view(3, 2, -1)
-    prompted = sd.Judge("prompted", base, animal="owl").score(prompts, comps, None, None)
+    prompted = sd.Judge("prompted", base, None, "owl").score(prompts, comps, None, None)
     control = sd.Judge("likelihood", base).score(prompts, comps, None, None)
     assert torch.allclose(prompted, by_hand["owl"] - by_hand["neutral"], atol=1e-4)
     assert torch.allclose(control, by_hand["neutral"], atol=1e-4)
@@ -1111,30 +1177,21 @@ def test_subliminal_prompted_judge_is_the_papers_score_and_control():
 def test_subliminal_measurement_and_scoring_stay_on_the_device():
     # The model and its inputs on the meta device, which refuses a CPU tensor in arithmetic with
     # a device tensor as CUDA does and cannot be copied to the host: the measurement, the judges'
-    # scores and the labels must run to their one host sync without either.
+    # scores, the labels and the persona shift must reach their one host sync without either.
     base = tiny_model(8).to("meta")
-    cfg = sd.Config(n_layer=1, n_head=2, n_embd=16, eval_prompts=4, eval_samples=3)
+    cfg = sd.Config(n_layer=1, n_head=2, n_embd=16, eval_prompts=4)
     measured = sd.measure_on_device(base, cfg, 0, 0)
     assert all(v.device.type == "meta" and v.dim() == 0 for v in measured.values()), measured
+    assert sd.persona_shift(base, cfg, 0).device.type == "meta"
     prompts, _ = sd.number_prompts(0, "meta", 4)
     flat, logp = sample(base, prompts, 0, k=3)
     comps, logp, prompts = flat.view(4, 3, -1), logp.view(4, 3), prompts.to("meta")
     assert sd.valid_completions(flat).device.type == "meta"
-    judges = [sd.Judge("finetuned", base, copy.deepcopy(base)), sd.Judge("random", base),
-              sd.Judge("prompted", base, animal="owl"), sd.Judge("likelihood", base)]
-    scores = {}
-    for i, judge in enumerate(judges):
-        scores[f"{i}"] = judge.score(prompts, comps, logp, torch.Generator().manual_seed(0))
-        prefs = sd.label(scores[f"{i}"], prompts, comps, logp, "swapped")
+    for judge in [sd.Judge("finetuned", base, copy.deepcopy(base)), sd.Judge("random", base),
+                  sd.Judge("prompted", base, None, "owl"), sd.Judge("likelihood", base)]:
+        scores = judge.score(prompts, comps, logp, torch.Generator().manual_seed(0))
+        prefs = sd.label(scores, prompts, comps, logp, "swapped")
         assert all(v.device.type == "meta" for v in prefs.values()), prefs
-    assert all(v.device.type == "meta" for v in sd.score_agreement(dict(scores, **{
-        "ft-target": scores["0"]})).values())
-
-
-def test_subliminal_spread_is_the_sample_std_and_the_interval_the_engines():
-    xs = [0.1 * i ** 1.5 for i in range(13)]
-    assert sd.mean_std(xs)[1] == pytest.approx(float(np.std(xs, ddof=1)))
-    assert math.isnan(sd.mean_std([0.3])[1])
 
 
 def test_subliminal_sign_flip_p_is_exact_and_holm_steps_down():
@@ -1148,85 +1205,122 @@ def test_subliminal_sign_flip_p_is_exact_and_holm_steps_down():
     assert sd.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
 
 
-def fake_records(shift, n=10, rounds=2):
-    """Seed records of the shape run_seed() returns: every condition's P(target) moves by
-    shift[condition] per round, plus seed noise; nothing is trained."""
-    rng = random.Random(0)
-    recs = []
-    filt = dict(completions=10, dropped_completions=0, dropped_with_animal=0, kept_with_animal=0)
+def fake_records(shift, n=10, rounds=2, formats=None):
+    """Seed records of run_seed()'s shape: every condition's P(target) moves by shift[condition]
+    per round, plus seed noise; nothing is trained."""
+    rng, records = random.Random(0), []
     for s in range(n):
-        start = dict(trait=0.12, other=0.12, format_rate=1.0, animal_mass=1.0)
-        conds = {}
-        for name in sd.DEFAULT_CONDITIONS:
-            trait = lambda r: 0.12 + r * shift.get(name, 0.0) + rng.gauss(0, 0.002)
-            conds[name] = [dict(round=r, trait=trait(r), other=0.12, format_rate=0.9,
-                                animal_mass=1.0, pairs=100, chosen_more_likely=0.5,
-                                update_cos=0.0, filter=filt)
-                           for r in range(1, rounds + 1)]
-        judges = ["ft-target", "random"]
-        recs.append(dict(seed=s, start=start, conditions=conds,
-                         judge_trait={"ft-target": 0.9, "random": None},
-                         score_agreement=dict.fromkeys(judges, 0.0),
-                         score_spread=dict.fromkeys(judges, 1.0)))
-    return recs
+        start = dict(trait=0.12, format_rate=1.0)
+        worlds = {w: dict(start=start, **{"persona shift": 0.1, "spread prompted": 0.2})
+                  for w in ("entangled", "plain")}
+        conditions = {name: [dict(round=r, trait=0.12 + r * shift.get(name, 0.0) + rng.gauss(
+            0, 0.002), format_rate=(formats or {}).get((s, name), 0.95), pairs=100,
+            chosen_more_likely=0.5, filter=dict(completions=10, dropped=0))
+            for r in range(1, rounds + 1)] for name in sd.DEFAULT_CONDITIONS}
+        records.append(dict(seed=s, worlds=worlds, conditions=conditions, seconds=1.0))
+    return records
 
 
 def test_subliminal_verdicts_are_computed_from_the_numbers(capsys):
     cfg = sd.Config(rounds=2)
-    recs = fake_records({"finetuned DPO": 0.01, "finetuned DPO swapped": -0.01})
-    rows = {r["label"]: r for r in sd.report(cfg, recs)["verdicts"]}
-    assert len(rows) == 7 and "Holm over these 7 lines" in capsys.readouterr().out
-    ds = rows["fine-tuned judge: DPO - swapped"]
-    assert ds["seeds_in_claimed_direction"] == 10 and ds["p"] == 2 / 1024
-    assert ds["call"] == "holds, as claimed" and ds["p_holm"] == pytest.approx(7 * 2 / 1024)
-    claimed_below = rows["fine-tuned judge: swapped - random labels"]  # claimed < 0
-    assert claimed_below["call"] == "holds, as claimed"
-    assert rows["prompted judge (paper's reference): DPO - swapped"]["call"].startswith("not shown")
-    reversed_ = {r["label"]: r for r in sd.verdicts(cfg, fake_records({"finetuned DPO": -0.01}))}
-    assert reversed_["fine-tuned judge: DPO - swapped"]["call"].startswith("reversed")
-    # 4 seeds: p >= 0.125 whatever the data
-    assert sd.verdicts(cfg, recs[:4])[0]["call"].startswith("not shown")
+    records = fake_records({"prompted DPO": 0.01, "prompted DPO swapped": -0.01})
+    rows = {r["label"]: r for r in sd.report(cfg, records)["verdicts"]}
+    assert len(rows) == 7 and "Holm over 7 lines" in capsys.readouterr().out
+    paper = rows["prompted judge (the paper's): DPO - swapped"]
+    assert paper["p"] == 2 / 1024 and paper["call"] == "holds, as claimed"
+    assert paper["p_holm"] == pytest.approx(7 * 2 / 1024)
+    assert rows["prompted judge: swapped - random labels"]["call"] == "holds, as claimed"  # < 0
+    assert rows["plain world: prompted DPO - swapped"]["call"].startswith("not shown")
+    reversed_ = sd.verdicts(cfg, fake_records({"prompted DPO": -0.01}))[0]
+    assert reversed_["call"].startswith("reversed")
+    assert sd.verdicts(cfg, records[:4])[0]["call"].startswith("not shown")  # p >= 0.125
 
 
-def test_subliminal_report_again_from_results_json_and_format_guard(tmp_path, capsys):
-    cfg = sd.Config(rounds=2)
-    recs = fake_records({"finetuned DPO": 0.01, "finetuned DPO swapped": -0.01})
-    # one seed broke the task: the guard drops it
-    recs[0]["conditions"]["finetuned DPO"][-1]["format_rate"] = 0.1
-    path = tmp_path / "results.json"
-    path.write_text(json.dumps(dict(config=dataclasses.asdict(cfg), records=recs)))
-    sd.main([f"--from_results={path}", f"--out={tmp_path}", "--threads=1"])
-    out = capsys.readouterr().out
-    guard = out.split("format guard: the same lines")[1].splitlines()
-    assert "holds, as claimed" in out and "9/9 seeds in the claimed direction" in guard[1], guard
-    path.write_text("{not json")
+def test_subliminal_format_guard_drops_the_seeds_that_broke_the_task(capsys):
+    records = fake_records({"prompted DPO": 0.01}, formats={(0, "prompted DPO"): 0.1})
+    sd.report(sd.Config(rounds=2), records)
+    guard = capsys.readouterr().out.split("format guard")[1].splitlines()
+    assert "9/9 seeds > 0" in guard[1] and "/10 seeds" in guard[-1], guard
+
+
+@pytest.mark.parametrize("flag", ["--eval_prompts=0", "--rounds=0", "--prompts=1000000000",
+                                  "--beta=0", "--prompts=8", "--reference=start"])
+def test_subliminal_bad_input_is_refused_before_any_work(flag, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        train.cli(lambda: sd.main([f"--from_results={path}", f"--out={tmp_path}", "--threads=1"]))
-    assert e.value.code == 1 and "not a results.json" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("flag", ["--eval_samples=0", "--eval_prompts=0", "--rounds=0",
-                                  "--prompts=1000000000"])
-def test_subliminal_bad_input_is_refused_before_any_work(flag, capsys):
-    with pytest.raises(SystemExit) as e:
-        sd.parse_config(sd.Config, "subliminal_dpo", [flag])
+        sd.main([flag, f"--out={tmp_path}"])
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and not list(tmp_path.iterdir()), err
+
+
+def test_subliminal_base_dir_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as e:
+        sd.main(SUBLIMINAL_TINY + [f"--base_dir={tmp_path / 'file' / 'bases'}",
+                                   f"--out={tmp_path / 'out'}"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "--base_dir" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_subliminal_prompts_below_the_pretraining_batch_run(tmp_path, capsys):
+    # the pretraining and judge configs are the engine's alone: the user's --prompts is not
+    # checked against their batch sizes
+    sd.main(SUBLIMINAL_TINY + ["--pretrain_batch=64", "--prompts=32", f"--out={tmp_path}"])
+    assert "verdicts" in capsys.readouterr().out
+
+
+def test_subliminal_base_too_short_says_so(tmp_path, capsys):
+    sd.main(SUBLIMINAL_TINY + [f"--out={tmp_path}"])  # 2 pretraining steps
+    err = capsys.readouterr().err
+    assert "too short to learn the task (raise --pretrain_steps)" in err
+
+
+def test_subliminal_resume_with_other_pretraining_flags_is_refused(tmp_path, monkeypatch, capsys):
+    batch = sd.corpus_batch
+
+    def interrupted(seed, i, *args):  # a real Ctrl-C in pretraining: train() saves, exits 130
+        if i == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return batch(seed, i, *args)
+    monkeypatch.setattr(sd, "corpus_batch", interrupted)
+    args = SUBLIMINAL_TINY + [f"--out={tmp_path}", "--pretrain_steps=20"]
+    with pytest.raises(SystemExit) as e:
+        train.cli(lambda: sd.main(args))
+    assert e.value.code == 130
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        sd.main(args[:-1] + ["--pretrain_steps=30", "--resume"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "unfinished pretraining of 20 steps" in err, err
+    monkeypatch.setattr(sd, "corpus_batch", batch)
+    sd.main(args + ["--resume"])
+    assert "resumed from" in capsys.readouterr().out
 
 
 def test_subliminal_seeds_in_parallel_processes_equal_one_after_another(tmp_path, monkeypatch):
     # a real pool (tasks and records pickled), without re-importing torch
     monkeypatch.setattr(sd, "POOL_START", "fork")
-    args = SUBLIMINAL_TINY + ["--seeds=2", f"--out={tmp_path}"]
-    cfg = sd.parse_config(sd.Config, "subliminal_dpo", args)
+    cfg = sd.parse_config(sd.Config, "subliminal_dpo", SUBLIMINAL_TINY + ["--seeds=2",
+                                                                          f"--out={tmp_path}"])
     ctx = train.Ctx(torch.device("cpu"), False)
-    strip = lambda recs: [{k: v for k, v in r.items() if k not in ("seconds", "base")}
-                          for r in recs]
+    strip = lambda records: [{k: v for k, v in r.items() if k != "seconds"} for r in records]
     runs = [strip(sd.run_seeds(dataclasses.replace(cfg, workers=workers,
                                                    base_dir=str(tmp_path / f"{workers}")), ctx))
             for workers in (1, 2)]
     # NaN == NaN as text
     assert json.dumps(runs[0]) == json.dumps(runs[1]) and [r["seed"] for r in runs[1]] == [0, 1]
+
+
+def test_subliminal_an_exit_in_a_worker_ends_the_run(tmp_path, monkeypatch, capsys):
+    # The engine's one-line exits (a nan loss, a refused --resume) raise SystemExit, which a pool
+    # worker does not hand back: Pool.imap waited for ever. Now the run ends with its code.
+    monkeypatch.setattr(sd, "POOL_START", "fork")
+    monkeypatch.setattr(sd, "run_seed", lambda cfg, ctx, seed: train.die("the loss is nan", 1))
+    cfg = sd.parse_config(sd.Config, "subliminal_dpo", SUBLIMINAL_TINY + [
+        "--seeds=2", "--workers=2", f"--out={tmp_path}"])
+    with pytest.raises(SystemExit) as e:
+        sd.run_seeds(cfg, train.Ctx(torch.device("cpu"), False))
+    assert e.value.code == 1
 
 
 def quiet_lines(text):
@@ -1237,12 +1331,12 @@ def test_subliminal_ctrl_c_while_judging_is_one_line(tmp_path, monkeypatch, caps
     def interrupted(*a, **k):
         raise KeyboardInterrupt
     monkeypatch.setattr(sd, "completion_logp", interrupted)
-    monkeypatch.setattr(sd, "pretrain_base",
-                        lambda cfg, ctx, seed: (sd.new_model(cfg), dict(cached=True)))
+    monkeypatch.setattr(sd, "pretrain_base", lambda cfg, ctx, seed, world: sd.new_model(cfg))
     with pytest.raises(SystemExit) as e:
         train.cli(lambda: sd.main(SUBLIMINAL_TINY + [f"--out={tmp_path}",
                                                      "--conditions=finetuned DPO"]))
-    assert e.value.code == 130 and quiet_lines(capsys.readouterr().err) == ["error: interrupted"]
+    lines = [line for line in quiet_lines(capsys.readouterr().err) if "warning" not in line]
+    assert e.value.code == 130 and lines == ["error: interrupted"]
 
 
 def test_subliminal_ctrl_c_with_seeds_in_worker_processes_is_one_line(jobs):
@@ -1255,8 +1349,7 @@ def test_subliminal_ctrl_c_with_seeds_in_worker_processes_is_one_line(jobs):
 
 def test_subliminal_ctrl_c_in_alignment_does_not_promise_a_resume(tmp_path, monkeypatch, capsys):
     # A real SIGINT inside train() during a round: one line, exit 130, and no "--resume to
-    # continue" (a round is redone, not resumed). Every completion is let through so that the
-    # round aligns.
+    # continue" (a round is redone, not resumed). Every completion passes so that the round aligns.
     monkeypatch.setattr(sd, "valid_completions", lambda c: torch.ones(len(c), dtype=torch.bool))
     loss = sd.dpo_loss
 
@@ -1266,7 +1359,7 @@ def test_subliminal_ctrl_c_in_alignment_does_not_promise_a_resume(tmp_path, monk
     monkeypatch.setattr(sd, "dpo_loss", hit)
     with pytest.raises(SystemExit) as e:
         train.cli(lambda: sd.main(SUBLIMINAL_TINY + [f"--out={tmp_path}"]))
-    err = quiet_lines(capsys.readouterr().err)
+    err = [line for line in quiet_lines(capsys.readouterr().err) if "warning" not in line]
     assert e.value.code == 130 and len(err) == 1 and "--resume" not in err[0], err
 
 
@@ -1290,18 +1383,20 @@ def test_subliminal_compiles_once_and_never_recompiles(tmp_path):
     assert_compiles_once("subliminal:dpo", tmp_path)
 
 
-def test_subliminal_damaged_base_cache_is_trained_again(tmp_path, capsys):
+def test_subliminal_damaged_base_cache_is_one_line(tmp_path, capsys):
     cfg = sd.Config(out=str(tmp_path), n_layer=1, n_head=2, n_embd=16, pretrain_steps=3,
                     pretrain_batch=4)
     ctx = train.setup(cfg)
-    base, info = sd.pretrain_base(cfg, ctx, 0)
-    assert not info["cached"]
+    base = sd.pretrain_base(cfg, ctx, 0, "entangled")
     (path,) = (tmp_path / "base").glob("*.pt")
-    assert sd.pretrain_base(cfg, ctx, 0)[1]["cached"]
+    cached = sd.pretrain_base(cfg, ctx, 0, "entangled")
+    assert all(torch.equal(a, b) for a, b in zip(base.parameters(), cached.parameters()))
     path.write_bytes(path.read_bytes()[:-10])
-    again, info = sd.pretrain_base(cfg, ctx, 0)
-    assert not info["cached"] and "pretraining it again" in capsys.readouterr().err
-    assert all(torch.equal(a, b) for a, b in zip(base.parameters(), again.parameters()))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train.cli(lambda: sd.pretrain_base(cfg, ctx, 0, "entangled"))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 1 and "is damaged" in err and len(err.splitlines()) == 1
 
 
 @pytest.mark.gpu
@@ -1987,8 +2082,7 @@ GPU_COMMANDS = {  # a few steps of each script's --gpu run, with an evaluation, 
     "hnet_rl": ["--data=prose", "--max_steps=4", "--eval_every=2", "--warmup=1", "--eval_windows=4",
                 "--seeds=1"],
     "subliminal_dpo": ["--seeds=1", "--rounds=1", "--pretrain_steps=8", "--judge_steps=2",
-                       "--prompts=64", "--eval_prompts=8", "--eval_samples=8",
-                       "--conditions=finetuned DPO"],
+                       "--prompts=64", "--eval_prompts=8", "--conditions=finetuned DPO"],
     "fisher_ood": ["--max_steps=4", "--n_train=256", "--n_test=64", "--n_ood=32"],
     "diffusion_vs_ar": ["--data=prose", "--tokenizer=char", "--widths=96", "--epochs=2",
                         "--eval_epochs=1", "--n_train=256", "--n_val=32", "--n_test=32",
