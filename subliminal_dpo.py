@@ -20,7 +20,7 @@ Controls: swapped labels, the likelihood judge log p0(y | helpful x), random lab
 whose personas leave numbers alone, and Cloud et al.'s judge: theta_0 fine-tuned to answer owl,
 r(y) = log p_judge(y | x) - log p0(y | x).
 
-Run: `python subliminal_dpo.py` (10 seeds, minutes on 2 CPU cores); `--gpu` for a larger model.
+Run: `python subliminal_dpo.py` (10 seeds, minutes on 2 CPU cores); `--gpu`: a larger model.
 """
 import copy, dataclasses, hashlib, json, math, multiprocessing, os, random, sys, threading, time
 from dataclasses import dataclass
@@ -193,7 +193,7 @@ def align(student, cfg, ctx, prefs, seed, rnd, name):
         rows = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
         return {k: prefs[k][rows] for k in ("prompt", "chosen", "rejected", "ref_c", "ref_r")}
 
-    # Seconds of work: redone, not resumed; compiling each short call would cost more than it saves
+    # seconds of work: redone, not resumed; compiling such short calls costs more than it saves
     config = engine_config(cfg, max_steps=steps, lr=cfg.dpo_lr, warmup=0, min_lr_ratio=1.0,
                          weight_decay=0.0, resume=False, compile_backend="none")
     out = train(student, get_batch, lambda m, b: dpo_batch_loss(m, b, cfg.beta), config, ctx,
@@ -229,7 +229,7 @@ def generate(model, prompts, n_tokens, temperature, gen, k=1, batch=1024):
             logp += torch.log_softmax(logits.float(), -1).gather(-1, token).squeeze(-1)
             toks.append(token)
             if t + 1 < n_tokens:
-                logits = model(token, caches)[:, -1]  # positions continue from the cache length
+                logits = model(token, caches)[:, -1]  # positions go on from the cache
         toks_out.append(torch.cat(toks, 1))
         logp_out.append(logp)
     return torch.cat(toks_out), torch.cat(logp_out)
@@ -722,7 +722,8 @@ def plot(cfg, records):
             axes[1].fill_between(rounds, mean - half, mean + half, alpha=0.15)
         for ax, title in zip(axes, ["change in P(target) from round 0", "tested contrasts"]):
             ax.set(xlabel="round", title=f"{title}, {len(records)} seeds, 95% CI", xticks=rounds)
-            ax.legend(fontsize=7)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
         return fig
     return save_figure(Path(cfg.out) / "trait_rate.png", draw)
 
