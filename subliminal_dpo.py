@@ -576,7 +576,7 @@ def run_seeds(cfg, ctx):
                 sys.exit(record)
             records.append(record)
             print(seed_line(record), flush=True)
-    finally:  # also after Ctrl-C or a failed seed: stop the workers before the one error line
+    finally:  # also after Ctrl-C or a failed seed: workers stop before the one error line
         if pool:
             pool.terminate()
             pool.join()
