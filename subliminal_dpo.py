@@ -112,7 +112,7 @@ def sequence_logp(model, prompts, completions):
 @torch.no_grad()
 def completion_logp(model, prompts, comps):
     """sequence_logp of K completions per prompt, (P, Tp), (P, K, Tc) -> (P, K), on the device: a
-    prompt runs once, its KV cache repeated for its K completions (half the work)."""
+    prompt runs once, its KV cache repeated for its K completions."""
     model.eval()
     dev, (P, K, Tc), caches = device_of(model), comps.shape, [{} for _ in model.blocks]
     first = model(prompts.to(dev), caches)[:, -1:].repeat_interleave(K, 0)  # (P*K, 1, V)
