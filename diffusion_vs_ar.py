@@ -84,8 +84,10 @@ class Config(TrainConfig):
                                  f"{2 * self.n_head}")
         if self.tokenizer not in ("char", "gpt2") or self.tol <= 0 or not 0 < self.eps < 1:
             raise ValueError("--tokenizer must be char or gpt2, --tol > 0 and --eps in (0, 1)")
-        if self.eval_masks % 2 or self.final_masks % 2 or self.seq_len < 2 or self.seeds < 1:
-            raise ValueError("--eval_masks, --final_masks even; --seq_len >= 2, --seeds >= 1")
+        if self.eval_masks % 2 or self.final_masks % 2:
+            raise ValueError("--eval_masks and --final_masks must be even (pairs of masks)")
+        if self.seq_len < 2 or self.seeds < 1:
+            raise ValueError("--seq_len must be >= 2 and --seeds >= 1")
         if self.seed + self.seeds > 2**32:  # checked before any seed trains
             raise ValueError(f"--seed + --seeds - 1 = {self.seed + self.seeds - 1} is not < 2^32")
 
@@ -185,7 +187,7 @@ def order_bounds(model, x, V, orders, gen, batch=512):
 
 
 def gumbel_argmax(logp, gen):
-    """One draw from Categorical(exp(logp)) per row, by the Gumbel-max trick."""
+    """A draw from Categorical(exp(logp)) per row, by the Gumbel-max trick."""
     u = torch.rand(logp.shape, dtype=torch.float64, generator=gen, device=logp.device)
     return (logp.double() - (-u.clamp_min(1e-300).log()).log()).argmax(-1)
 
@@ -383,7 +385,7 @@ def run_one(kind, width, cfg, ctx, data, V):
     --eval_epochs epochs (cfg.seed is this run's seed)."""
     model = build(kind, cfg, V, width)
     per_epoch, rows = epoch_batches(cfg, len(data["train"]))
-    # this run's own config (--resume checks it), in optimizer steps: evaluations at epoch ends
+    # this run's own config (--resume checks it), in steps: evaluations at epoch ends
     run_cfg = dataclasses.replace(cfg, models=kind, widths=str(width), seeds=1,
                                   max_steps=per_epoch * cfg.epochs, log_every=per_epoch,
                                   eval_every=per_epoch * cfg.eval_epochs)
@@ -417,15 +419,15 @@ def run_one(kind, width, cfg, ctx, data, V):
 def select_and_rescore(kind, width, cfg, ctx, data, V, model, evals, best):
     """A run's records and its pick: the epoch with the lowest validation loss, its test loss
     re-scored with --final_masks masks per sequence."""
-    by_epoch = {e["epoch"]: e for e in evals}  # a resumed run evaluates its last epoch twice
+    by_epoch = {e["epoch"]: e for e in evals}  # a resumed run evaluates its last one twice
     params = count_params(model)
     records = [dict(model=kind, width=width, seed=cfg.seed, params=params,
                     **{key: value for key, value in e.items() if key != "step"})
                for _, e in sorted(by_epoch.items())]
-    chosen = min(records, key=lambda r: r["val_bpt"])  # the first epoch with the lowest val loss
+    chosen = min(records, key=lambda r: r["val_bpt"])  # the first with the lowest val loss
     if best.get("epoch") != chosen["epoch"]:
         raise DataError(f"{cfg.out}: best_{kind}_d{width}_s{cfg.seed}.pt is not epoch "
-                        f"{chosen['epoch']}; delete it and its checkpoint")
+                        f"{chosen['epoch']}: delete it and its checkpoint")
     selected = build(kind, cfg, V, width).to(ctx.device)
     selected.load_state_dict(best["state"])
     gen = torch.Generator().manual_seed(cfg.seed * 7919 + 10**6)
@@ -442,7 +444,7 @@ def select_and_rescore(kind, width, cfg, ctx, data, V, model, evals, best):
 
 def second_descent(records, widths, margin):
     """Figure 1's lens: test loss against width at each epoch; the largest rise above the running
-    minimum then fall from that peak, both > margin bits (pronounced: fall >= rise / 4), or None."""
+    minimum then fall from the peak, both > margin bits (pronounced: fall >= rise / 4), or None."""
     found = []
     for epoch in sorted({r["epoch"] for r in records}):
         curve = [r["test_bpt"] for width in widths for r in records
