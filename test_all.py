@@ -63,9 +63,9 @@ def ddp_job(rank):
 
 TINY_HNET = ["--n_embd=16", "--n_head=2", "--n_main=1", "--seq_len=64", "--chunk_bucket=16",
              "--batch_size=4", "--warmup=2", "--eval_windows=2", "--bpe_vocab=300", "--threads=1"]
-SUBLIMINAL_TINY = ["--threads=1", "--seeds=1", "--rounds=1", "--n_layer=1", "--n_head=2", "--n_embd=16",
-                   "--pretrain_steps=2", "--pretrain_batch=4", "--judge_steps=1", "--prompts=32",
-                   "--eval_prompts=4", "--conditions=random labels DPO"]
+SUBLIMINAL_TINY = ["--threads=1", "--seeds=1", "--rounds=1", "--n_layer=1", "--n_head=2",
+                   "--n_embd=16", "--pretrain_steps=2", "--pretrain_batch=4", "--judge_steps=1",
+                   "--prompts=32", "--eval_prompts=4", "--conditions=random labels DPO"]
 SEEDS_STEPS_ROUNDS = ("--seeds", "--pretrain_steps", "--rounds")
 JOBS = {  # name -> (command line, the tests that read its result[, stderr that triggers Ctrl-C])
     "train_bad_flag": (["train.py", "--bench", "--lr=-3"], ["test_train_bad_flag_is_one_line"]),
@@ -79,7 +79,8 @@ JOBS = {  # name -> (command line, the tests that read its result[, stderr that 
     "subliminal": (["subliminal_dpo.py", "--target=tiger"],
                    ["test_subliminal_dpo_cli_errors_are_one_line"]),
     "subliminal_ctrl_c": ([
-        "subliminal_dpo.py", *[a for a in SUBLIMINAL_TINY if a.split("=")[0] not in SEEDS_STEPS_ROUNDS],
+        "subliminal_dpo.py",
+        *[a for a in SUBLIMINAL_TINY if a.split("=")[0] not in SEEDS_STEPS_ROUNDS],
         "--seeds=2", "--workers=2", "--rounds=50", "--pretrain_steps=2000",
         f"--out={SCRATCH}/subliminal_ctrl_c"],
         ["test_subliminal_ctrl_c_with_seeds_in_worker_processes_is_one_line"],
@@ -2075,36 +2076,57 @@ def script_case(name, out, gpu=False, B=4):
         L = cfg.seq_len
         batch = dict(x=torch.randint(0, 256, (B, L + 1), generator=g), noise=torch.rand(B, L, generator=g))
         return cfg, hr.ChunkedByteLM(cfg), batch, hr.loss_fn_for(cfg)
+    kind = name.split(":")[1]
     if name.startswith("dva"):
-        kind = name.split(":")[1]
-        small = {} if gpu else dict(n_layer=1, n_head=2, seq_len=8, widths="16")
-        cfg = dva.Config(**common, **small)
-        # --gpu: GPT-2's 50257 tokens + MASK/BOS as id V; build() pads the head to 50304 = 64 x 786 rows
-        V, L, d = (50257, cfg.seq_len, 768) if gpu else (11, cfg.seq_len, 16)
-        x = torch.randint(0, min(V, 50257), (B, L), generator=g)
-        batch = x if kind == "ar" else dict(x=x, t=torch.rand(B, generator=g) * 0.9 + 0.1, u=torch.rand(B, L, generator=g))
-        return cfg, dva.build(kind, cfg, V, d), batch, dva.loss_fn_for(kind, V, cfg.eps)
+        return dva_case(kind, common, g, gpu, B)
     if name.startswith("fisher"):
-        kind = name.split(":")[1]
-        cfg = fo.Config(**common, **({} if gpu else dict(hidden=16, latent=4, couplings=2, diff_T=10)))
-        model = fo.build(kind, cfg)
-        x = torch.rand(B, 784, generator=g)  # flattened 28 x 28 images in [0, 1]
-        noise = torch.rand(B, 784, generator=g) if kind == "flow" else torch.randn(B, model.noise_dim, generator=g)
-        batch = dict(x=x, noise=noise, **({"t": torch.randint(cfg.diff_T, (B,), generator=g)} if kind == "diffusion" else {}))
-        return cfg, model, batch, fo.training_loss(kind, cfg, getattr(model, "noise_dim", 0))
-    cfg = sd.Config(**{k: v for k, v in common.items() if k not in ("max_steps", "warmup", "log_every", "lr")},
-                    **({} if gpu else dict(n_layer=1, n_head=2, n_embd=16)), prompts=B)
+        return fisher_case(kind, common, g, gpu, B)
+    return subliminal_case(common, g, gpu, B)
+
+
+def dva_case(kind, common, g, gpu, B):
+    small = {} if gpu else dict(n_layer=1, n_head=2, seq_len=8, widths="16")
+    cfg = dva.Config(**common, **small)
+    # --gpu: GPT-2's 50257 tokens + MASK/BOS as id V; build() pads the head to 50304 = 64 x 786
+    V, L, d = (50257, cfg.seq_len, 768) if gpu else (11, cfg.seq_len, 16)
+    x = torch.randint(0, min(V, 50257), (B, L), generator=g)
+    noise = dict(t=torch.rand(B, generator=g) * 0.9 + 0.1, u=torch.rand(B, L, generator=g))
+    batch = x if kind == "ar" else dict(x=x, **noise)
+    return cfg, dva.build(kind, cfg, V, d), batch, dva.loss_fn_for(kind, V, cfg.eps)
+
+
+def fisher_case(kind, common, g, gpu, B):
+    small = {} if gpu else dict(hidden=16, latent=4, couplings=2, diff_T=10)
+    cfg = fo.Config(**common, **small)
+    model = fo.build(kind, cfg)
+    x = torch.rand(B, 784, generator=g)  # flattened 28 x 28 images in [0, 1]
+    if kind == "flow":
+        noise = torch.rand(B, 784, generator=g)
+    else:
+        noise = torch.randn(B, model.noise_dim, generator=g)
+    batch = dict(x=x, noise=noise)
+    if kind == "diffusion":
+        batch["t"] = torch.randint(cfg.diff_T, (B,), generator=g)
+    return cfg, model, batch, fo.training_loss(kind, cfg, getattr(model, "noise_dim", 0))
+
+
+def subliminal_case(common, g, gpu, B):
+    engine = ("max_steps", "warmup", "log_every", "lr")
+    small = {} if gpu else dict(n_layer=1, n_head=2, n_embd=16)
+    cfg = sd.Config(**{k: v for k, v in common.items() if k not in engine}, **small, prompts=B)
     cfg = dataclasses.replace(cfg, max_steps=2, warmup=1, log_every=1, lr=1e-3, weight_decay=0.0)
-    V = len(sd.VOCAB)
-    batch = dict(prompt=torch.randint(0, V, (B, 6), generator=g), chosen=torch.randint(0, V, (B, sd.COMPLETION_LEN), generator=g),
-                 rejected=torch.randint(0, V, (B, sd.COMPLETION_LEN), generator=g), ref_c=-torch.rand(B, generator=g) * 20,
-                 ref_r=-torch.rand(B, generator=g) * 20)
-    dpo = lambda m, b: sd.dpo_batch_loss(m, b, cfg.beta)  # the script's own DPO step: chosen and rejected in one forward
+    V, C = len(sd.VOCAB), sd.COMPLETION_LEN
+    batch = dict(prompt=torch.randint(0, V, (B, 6), generator=g),
+                 chosen=torch.randint(0, V, (B, C), generator=g),
+                 rejected=torch.randint(0, V, (B, C), generator=g),
+                 ref_c=-torch.rand(B, generator=g) * 20, ref_r=-torch.rand(B, generator=g) * 20)
+    # the script's own DPO step: chosen and rejected in one forward
+    dpo = lambda m, b: sd.dpo_batch_loss(m, b, cfg.beta)
     return cfg, sd.new_model(cfg), batch, dpo
 
 
-CASES = ["hnet:rl", "hnet:hnet", "dva:ar", "dva:mdlm", "fisher:vae", "fisher:flow", "fisher:diffusion",
-         "subliminal:dpo"]
+CASES = ["hnet:rl", "hnet:hnet", "dva:ar", "dva:mdlm", "fisher:vae", "fisher:flow",
+         "fisher:diffusion", "subliminal:dpo"]
 
 
 def one_script_step(name, out, **cfg_over):
@@ -2178,7 +2200,8 @@ def run_on_the_gpu(script, tmp_path, resume=True):
     evaluation), then again with --resume, which loads the checkpoint onto the GPU."""
     command = [sys.executable, f"{script}.py", "--gpu", f"--out={tmp_path}", *GPU_COMMANDS[script]]
     for again in ([], ["--resume"]) if resume else ([],):
-        done = subprocess.run(command + again, cwd=ROOT, capture_output=True, text=True, timeout=900)
+        done = subprocess.run(command + again, cwd=ROOT, capture_output=True, text=True,
+                              timeout=900)
         print(done.stdout[-3000:])
         assert done.returncode == 0, done.stderr[-3000:]
     assert not resume or "resumed from" in done.stdout
@@ -2215,8 +2238,8 @@ def test_gpu_train_bench_prints_mfu():
     assert done.returncode == 0 and "MFU" in done.stdout and "GiB" in done.stdout
 
 
-@pytest.mark.parametrize("script,cls", [("hnet_rl", "hr"), ("subliminal_dpo", "sd"), ("fisher_ood", "fo"),
-                                        ("diffusion_vs_ar", "dva")])
+@pytest.mark.parametrize("script,cls", [("hnet_rl", "hr"), ("subliminal_dpo", "sd"),
+                                        ("fisher_ood", "fo"), ("diffusion_vs_ar", "dva")])
 def test_scripts_help_lists_only_flags_they_use(script, cls, capsys):
     config = {"hr": hr, "sd": sd, "fo": fo, "dva": dva}[cls].Config
     with pytest.raises(SystemExit):
