@@ -3,8 +3,8 @@ test_all.py: invariant tests of train.py and the four paper scripts (python -m p
 Tiny models, fixed seeds: under a minute on 2 CPU cores. `-k <script>` runs one script's tests;
 `-m gpu` runs each script's command line with --gpu on a CUDA machine (skipped without one).
 """
-import contextlib, copy, dataclasses, itertools, json, math, os, random, shutil, signal, subprocess
-import sys, tempfile, threading, warnings
+import ast, contextlib, copy, dataclasses, itertools, json, math, os, random, re, shutil, signal
+import subprocess, sys, tempfile, threading, warnings
 from pathlib import Path
 
 import numpy as np
@@ -2236,6 +2236,21 @@ def test_gpu_train_bench_prints_mfu():
                           capture_output=True, text=True, timeout=600)
     print(done.stdout)
     assert done.returncode == 0 and "MFU" in done.stdout and "GiB" in done.stdout
+
+
+@pytest.mark.parametrize("script", ["hnet_rl", "subliminal_dpo", "fisher_ood", "diffusion_vs_ar"])
+def test_readme_names_where_each_idea_lives_in_the_first_40_percent(script):
+    readme = (ROOT / "README.md").read_text().split("<!-- ideas:begin -->")[1]
+    entry = readme.split("<!-- ideas:end -->")[0].split(f"- `{script}.py`:")[1].split("\n- ")[0]
+    source = (ROOT / f"{script}.py").read_text()
+    defined, kinds = {}, (ast.FunctionDef, ast.ClassDef)
+    for node in [n for n in ast.parse(source).body if isinstance(n, kinds)]:
+        defined[node.name] = node.lineno
+        for method in [m for m in getattr(node, "body", []) if isinstance(m, ast.FunctionDef)]:
+            defined[f"{node.name}.{method.name}"] = method.lineno
+    names = re.findall(r"`([\w.]+)`", entry)
+    assert names and all(defined.get(n, math.inf) <= 0.4 * source.count("\n") for n in names), [
+        (n, defined.get(n)) for n in names]
 
 
 @pytest.mark.parametrize("script,cls", [("hnet_rl", "hr"), ("subliminal_dpo", "sd"),
