@@ -574,6 +574,9 @@ def test_train_bench_times_a_nanogpt_style_reference_with_its_own_loss(tmp_path,
     train.bench(parse_config(train.BenchConfig, "train", argv))
     out = capsys.readouterr().out
     assert "nanoGPT" in out and "ours / nanoGPT tokens/s: median" in out
+    with pytest.raises(SystemExit) as e:  # an unknown size: one line, before any work
+        parse_config(train.BenchConfig, "train", ["--bench", "--size=huge"])
+    assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
 
 
 # ---- diffusion_vs_ar.py

@@ -585,11 +585,18 @@ class BenchConfig(TrainConfig):
     unused = ("out", "min_lr_ratio", "warmup", "grad_accum", "grad_clip", "log_every",
               "eval_every", "ckpt_every", "resume", "data_dir")
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.size not in ("auto", *SIZES):
+            raise ValueError(f"--size must be auto, {', '.join(SIZES)}; got {self.size!r}")
+
+SIZES = dict(tiny=(1, 2, 16, 16, 65, 2), small=(6, 6, 384, 256, 65, 12),
+             gpt2=(12, 12, 768, 1024, 50304, 16))  # layers, heads, width, context, vocab, batch
+
 def bench(cfg):
     """Training tokens/s (fwd + bwd + AdamW), medians over rounds in alternating order."""
     ctx, size = setup(cfg), cfg.size if cfg.size != "auto" else "gpt2" if cfg.gpu else "small"
-    L, H, C, T, V, B = dict(tiny=(1, 2, 16, 16, 65, 2), small=(6, 6, 384, 256, 65, 12),
-                            gpt2=(12, 12, 768, 1024, 50304, 16))[size]
+    L, H, C, T, V, B = SIZES[size]
     data = torch.randint(0, V, (cfg.batch_size or B, T + 1), device=ctx.device)
     x, y = data[:, :-1], data[:, 1:].contiguous()
     models = {"train.py": (TransformerLM(V, L, H, C), lambda m: F.cross_entropy(
