@@ -229,7 +229,6 @@ class ChunkedByteLM(nn.Module):
         if method == "rl":
             self.policy = BoundaryPolicy(cfg)
 
-
     def hnet_boundaries(self, h):
         """H-Net's routing: p_t = (1 - cos(W_q h_{t-1}, W_k h_t)) / 2, b_t = [p_t > 0.5]."""
         q, k = self.q_proj(h[:, :-1]), self.k_proj(h[:, 1:])  # compare byte t-1 with byte t
@@ -344,7 +343,6 @@ def rule_boundaries(method, x, noise, rate):
     elif method == "uniform":  # exactly k boundaries: 0 and the k-1 largest noises
         k = max(1, round(x.shape[1] * rate))
         b = torch.zeros_like(ws)
-
         b.scatter_(1, noise[:, 1:].topk(k - 1, dim=1).indices + 1, True)
     elif method == "space":  # a chunk starts at the first byte of each whitespace run: the|_cat
         b = ws & ~ws_before
