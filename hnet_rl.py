@@ -19,10 +19,11 @@ head; an early-exit head reads the encoder. Only the boundary module differs bet
   uniform, fixed, space (`the|_cat`), after (`the_|cat`), bpe: rule_boundaries, given b
 LM loss 0.9 CE_final + 0.1 CE_early. Reported: held-out bits per byte; ws_at, the share of
 whitespace bytes where a chunk starts (the paper's figure), against chance at the same rate.
-  python hnet_rl.py [--methods=all] [--ablations] [--gpu]   # README: results, deviations
+  python hnet_rl.py [--methods=all] [--ablations] [--gpu]   # the README: results
 """
 import collections, dataclasses, heapq, math, re, time, zipfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from train import (TrainConfig, parse_config, setup, die, fill_auto, Block, rope_angles,
-                   count_params, train, save_results, embedded_text, download,
+                   count_params, train, save_results, save_figure, embedded_text, download,
                    cli, init_weights, Attention, mean_interval)
 
 METHODS = ("rl", "hnet", "uniform", "fixed", "space", "after", "bpe")
@@ -40,13 +41,13 @@ ABLATIONS = {  # name -> overrides of the rl config (the authors' ablation table
     "rl:no-batch-adv": dict(batch_adv=False),
     "rl:no-early-reward": dict(early_reward=False),
     "rl:no-rate-control": dict(lambda_c=0.0, rate_offset="off"),
-    "rl:paper-gate": dict(gate_scale=1 / 16),  # the paper's gate scale
-    "rl:no-rate-offset": dict(rate_offset="off"),  # the paper's rate control alone
+    "rl:paper-gate": dict(gate_scale=1 / 16),
+    "rl:no-rate-offset": dict(rate_offset="off"),  # the paper's rate control
 }
 WHITESPACE = (9, 10, 13, 32)  # \t \n \r space
 RATE_OFFSET_LR = 0.5  # rl --rate_offset=on: the offset's step per unit of rate error
 CHUNK_BUCKET = 64  # compiled code: chunk counts are multiples of this
-EARLY_WEIGHT = 0.1  # the early-exit head's share of the LM loss (the final head's: 0.9)
+EARLY_WEIGHT = 0.1  # the early-exit head's share of the LM loss
 LAMBDA_G = 0.01  # rl: weight of the policy-gradient loss
 RATIO_WEIGHT = 0.03  # hnet: weight of the ratio loss
 BPE_VOCAB = 4096  # bpe: tokens of the BPE whose token starts are the boundaries
@@ -64,7 +65,7 @@ class Config(TrainConfig):
     n_enc: int = 0  # encoder byte blocks (0: 1 on CPU, 4 with --gpu)
     n_main: int = 0  # main blocks over chunks (0: 2 on CPU, 12 with --gpu)
     n_dec: int = 0  # decoder byte blocks (0: 1 on CPU, 4 with --gpu)
-    window: int = 64  # sliding attention window of the byte blocks (0 = full causal attention)
+    window: int = 64  # byte blocks' attention window (0 = full causal attention)
     byte_mlp: int = 0  # byte blocks' MLP width / n_embd (0: 4 on CPU, the authors' 1 with --gpu)
     seq_len: int = 0  # bytes per training sequence (0: 256 on CPU, 4096 with --gpu)
     batch_size: int = 0  # sequences per optimizer step (0: 16 on CPU, 128 with --gpu)
@@ -110,8 +111,8 @@ class Config(TrainConfig):
 
 class BoundaryPolicy(nn.Module):
     """pi(a_t = 1 | x_<=t) = sigmoid(logit_t), logit_t = softcap(s W x_t + logit(rho) + offset):
-    the authors' gater with window 1 (their `sequential_filter1`, as good as window 8 in their
-    ablation): given the bytes, the actions are independent."""
+    the authors' gater with window 1 (their `sequential_filter1`): given the bytes, the actions
+    are independent."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -135,7 +136,7 @@ class BoundaryPolicy(nn.Module):
         if self.training and self.cfg.rate_offset == "on":  # integral control of the rate
             with torch.no_grad():  # moves the next step's logits, not these
                 self.offset -= RATE_OFFSET_LR * (global_mean(a[:, 1:].float()) - self.cfg.rate)
-        # gate_logits, not logits: that key is the LM head's; the rate control must reach the gate
+        # gate_logits, not logits (the LM head's key): the rate control must reach the gate
         return dict(b=a, gate_logits=logits, p=torch.sigmoid(logits), logp=logp)
 
 
@@ -152,21 +153,21 @@ def discounted_returns(adv, gamma):
 
 def policy_loss(out, ce_final, ce_early, cfg):
     """REINFORCE on detached rewards (the policy learns only through log pi). The early-exit CE
-    does not depend on the actions: a baseline that removes 'this byte is hard anyway'."""
+    does not depend on the actions: a baseline removing 'this byte is hard anyway'."""
     r = (ce_early - ce_final) if cfg.early_reward else -ce_final
     adv = r.detach()
-    if cfg.batch_adv:  # batch-relative: other sequences at the same position (all ranks')
+    if cfg.batch_adv:  # relative to the other sequences at that position (all ranks')
         adv = adv - global_mean(adv, 0, keepdim=True)
     G = discounted_returns(adv, cfg.gamma)  # the action at t affects every later prediction
     logp = out["logp"][:, 1:]  # b_0 is forced: no gradient for it
     pg = -(G[:, 1:] * logp).mean()
-    # rate control: push all logits down when the policy fires too often, up when too rarely
+    # rate control: all logits down when the policy fires too often, up when too rarely
     rate_gap = (global_mean(out["p"][:, 1:]) - cfg.rate).detach()
     consistency = out["gate_logits"][:, 1:].mean() * rate_gap
     return LAMBDA_G * pg + cfg.lambda_c * consistency, dict(pg=pg.detach(), ret_std=G.std())
 
 
-# ---- the byte U-Net: chunk, run the main blocks over chunks, give each byte its chunk's output
+# ---- the byte U-Net: chunk, run the main blocks over chunks, give bytes their chunk's output
 
 
 def chunk_capacity(L, rate):
@@ -180,11 +181,10 @@ def chunk_capacity(L, rate):
 # data-dependent: the one graph break of the forward; what follows sees only M
 @torch.compiler.disable
 def chunk_index(b, rate=None):
-    """b (B, L) bool with b[:, 0] = 1 -> idx (B, M): the boundaries' byte positions, in order,
-    M = the most boundaries in any row. Compiled code (each new M is a recompile) passes the
-    target rate: M is then the first of chunk_capacity at rate, 2 rate, 4 rate, ... that holds
-    every row (4096 bytes at rate 0.2: 960, then 1792 chunks, enough up to rate 0.41). Rows with
-    fewer boundaries are padded *after* their real chunks, which causal attention keeps unseen."""
+    """b (B, L) bool, b[:, 0] = 1 -> idx (B, M): the boundaries' byte positions in order, M =
+    the most in any row. Compiled code (a new M is a recompile) passes the target rate: M is the
+    first of chunk_capacity at rate, 2 rate, 4 rate, ... that holds every row (4096 bytes at 0.2:
+    960, then 1792). Padding comes *after* a row's real chunks: causal attention keeps it unseen."""
     M = int(b.sum(1).max())  # the forward's one host sync: the shapes depend on the data
     if rate is not None:
         while chunk_capacity(b.shape[1], rate) < M:
@@ -261,18 +261,18 @@ class ChunkedByteLM(nn.Module):
         out.update(self.boundaries(x, hn, given_b, noise))
         b = out["b"]
         idx = chunk_index(b, self.cfg.rate if torch.compiler.is_compiling() else None)  # (B, M)
-        z = downsample(h, idx)  # (B, M, C) the encoder vectors where chunks start, no pooling
+        z = downsample(h, idx)  # (B, M, C) the encoder vectors where chunks start
         ccos, csin = rope_angles(idx, self.head_dim)  # RoPE at byte positions: distance in bytes
         for block in self.main:
             z = block(z, ccos, csin)
         if self.method == "hnet":  # smooth over chunks with the boundary probability (dechunk)
-            # padding chunks come after every real one: their P changes no output that is read
+            # padding chunks come after every real one: their P changes no output read
             z = smooth_chunks(z, out["p"].gather(1, idx).clamp(1e-4, 1 - 1e-4))
         up = upsample(z, b)  # (B, L, C)
         if self.method == "hnet":  # confidence through a straight-through estimator: value 1
             c = torch.where(b, out["p"], 1 - out["p"])
             up = up * straight_through_one(c)[..., None].to(up.dtype)
-        y = h + up  # encoder residual + what the main network says about the current chunk
+        y = h + up  # encoder residual + the main network's word on the current chunk
         for block in self.decoder:
             y = block(y, cos, sin)
         out["logits"] = self.lm_head(self.norm(y))
@@ -291,8 +291,8 @@ def smooth_chunks(z, P):
 
 
 def straight_through_one(c):
-    """Forward value exactly 1, gradient d/dc = 1: lets the confidence c steer the routing
-    without changing what the network computes (c - c.detach() is exactly 0)."""
+    """Value exactly 1, gradient d/dc = 1: the confidence c steers the routing without changing
+    the forward (c - c.detach() is exactly 0)."""
     return 1.0 + (c - c.detach())
 
 
@@ -311,8 +311,7 @@ def token_ce(logits, y):  # (B, L, V), (B, L) -> per-byte cross-entropy in nats 
 def loss_fn_for(cfg, method):
     def loss_fn(model, batch):
         x = batch["x"]
-        # noise (B, L): drawn in the model unless given
-        out = model(x[:, :-1], batch.get("b"), batch.get("noise"))
+        out = model(x[:, :-1], batch.get("b"), batch.get("noise"))  # noise: drawn unless given
         y = x[:, 1:]
         ce_final, ce_early = token_ce(out["logits"], y), token_ce(out["early_logits"], y)
         loss = (1 - EARLY_WEIGHT) * ce_final.mean() + EARLY_WEIGHT * ce_early.mean()
@@ -383,15 +382,14 @@ class LocalAttention(Attention):
 
 
 def byte_block(C, H, window, mlp_ratio):
-    """A byte-level Block whose attention is the L x window local attention above."""
+    """A Block whose attention is the local attention above."""
     blk = Block(C, H, mlp_ratio=mlp_ratio)
     blk.attn = LocalAttention(C, H, window)
     return blk
 
 
 def global_mean(x, dim=None, keepdim=False):
-    """Mean over every process's rows under torchrun (no gradient through the others' part);
-    with one process exactly x.mean()."""
+    """Mean over every process's rows under torchrun (no gradient through the others' part)."""
     mean = x.mean() if dim is None else x.mean(dim, keepdim=keepdim)
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return mean
@@ -407,7 +405,7 @@ def global_mean(x, dim=None, keepdim=False):
 
 def load_bytes(cfg):
     """(train, held-out) bytes: a file's first 90 percent trains, the next 5 are held out
-    (enwik8's convention); a corpus too short for 8 held-out windows is refused in one line."""
+    (enwik8's convention); a corpus too short is refused in one line."""
     if cfg.data == "prose":
         train_bytes, val = embedded_text("train"), embedded_text("val")
     else:
@@ -430,7 +428,7 @@ def load_bytes(cfg):
 
 
 # GPT-2's pre-tokenizer split in ASCII classes, so that Python's `re` (training) and tiktoken's
-# Rust regex (encoding) agree: words, numbers, punctuation, spaces
+# Rust regex (encoding) agree
 
 SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+"""
 
@@ -438,7 +436,6 @@ SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|
 def train_bpe(text, vocab_size):
     """Byte-level BPE: from the 256 bytes, merge the most frequent adjacent pair, again and again;
     only the words (pre-tokens) a merge touches update their pair counts: seconds."""
-
     words = collections.Counter(re.findall(SPLIT_PATTERN, text.decode("utf-8", errors="replace")))
     seqs = [[bytes([b]) for b in w.encode("utf-8")] for w in words]
     freq = list(words.values())
@@ -452,7 +449,7 @@ def train_bpe(text, vocab_size):
     ranks = {bytes([i]): i for i in range(256)}
     while len(ranks) < vocab_size and heap:
         n, pair = heapq.heappop(heap)
-        if -n != pairs.get(pair, 0) or n == 0:  # stale heap entry: this pair's count changed since
+        if -n != pairs.get(pair, 0) or n == 0:  # stale: the pair's count changed since
             continue
         merged = pair[0] + pair[1]
         ranks.setdefault(merged, len(ranks))
@@ -522,7 +519,7 @@ def alignment_counts(b, x):
     ws_here, ws_before = ws[:, 1:], ws[:, :-1]  # is byte t / byte t-1 whitespace, for t >= 1
     counts = [torch.full((), b.numel(), device=b.device), b.sum(), ws_here.sum(),
               (b & ws_here).sum(), ws_before.sum(), (b & ws_before).sum()]
-    return torch.stack([c.double() for c in counts])  # on b's device: summed there, synced once
+    return torch.stack([c.double() for c in counts])  # on b's device: synced once
 
 
 def alignment_figures(counts):
@@ -530,8 +527,7 @@ def alignment_figures(counts):
     bytes scores at the same rate r.
       ws_at     P(chunk starts at t | byte t is whitespace); chance r. The RL paper's "fraction of
                 whitespace with token boundaries": its gate = 1 marks a chunk's *last* byte,
-                whose vector is kept and serves the bytes after it: our data flow, in which a
-                gate at a whitespace byte is a chunk starting at it
+                whose vector serves the bytes after it: in our data flow, a chunk starting at it
       ws_after  P(chunk starts at t | byte t-1 is whitespace); chance r
       on_ws / after_ws  share of boundaries at / right after whitespace; chance = its share"""
     n, n_bound, n_ws, at, n_ws_before, after = counts
@@ -604,16 +600,15 @@ def run_one(name, method, cfg, ctx, data, val, bounds, val_bounds):
                 bytes_per_s=summary["items_per_s"], seconds=summary["seconds"],
                 graphs=graphs[-1] - graphs[0],
                 recompiles=graphs[-1] - graphs[min(2, len(graphs) - 1)],
-
                 curve=summary["evals"], sample=show_boundaries(model, val, val_bounds, ctx.device),
                 **{k: summary["evals"][-1][k] for k in FIGURES})
 
 
-# ---- below: statistics and report: not needed to learn the paper
+# ---- below: statistics, report, figure: not needed to learn the paper
 
 
 def by_method(rows):
-    """method -> {figure: [value per seed]}, seeds in the same order for every method (paired)."""
+    """method -> {figure: [value per seed]}, seeds in one order (paired)."""
     out = collections.defaultdict(lambda: collections.defaultdict(list))
     for r in sorted(rows, key=lambda r: r["seed"]):
         for k in FIGURES + ("bytes_per_s",):
@@ -659,17 +654,18 @@ def placement_verdicts(by, learned):
                      f"{interval_text(rl['ws_at'])}, chance {interval_text(rl['free_rate'])}), "
                      f"right after it in {after}/{n} (ws_after {interval_text(rl['ws_after'])})")
         reach = {"AT": "reachable", "AFTER": "NOT reachable"}.get(preferred, "of unknown reach")
+        call = "one seed: no verdict" if n < 2 else "reproduced" if at == n else "NOT reproduced"
         lines.append(f"the paper's figure is {reach} at this size; rl at whitespace in {at}/{n} "
-                     f"seeds -> " + ("reproduced" if at == n else "NOT reproduced"))
+                     f"seeds -> {call}")
     return lines
 
 
 def verdicts(rows, cfg, floor):
-    """The paper's claims checked on the table (paired by seed). A method whose bpb is not below
-    `floor`, the bytes' frequency entropy, learned nothing: it gets no verdict."""
+    """The paper's claims checked on the table (paired by seed); a method whose bpb is not below
+    the bytes' frequency entropy learned nothing and gets no verdict."""
     by, lines = by_method(rows), []
     learned = lambda name: name in by and max(by[name]["bpb"]) < floor
-    lines += [f"{name} learned nothing (bpb >= {floor:.3f}, the byte frequencies'): no verdict"
+    lines += [f"{name} learned nothing (bpb >= {floor:.3f}, the bytes' entropy): no verdict"
               for name in by if not learned(name)]
     if learned("rl"):
         rl = by["rl"]
@@ -704,12 +700,12 @@ def report(rows, cfg, ws_share, floor):
           + f"{'train B/s':>11s}")
     for name, f in by.items():
         cells = "".join(f"{interval_text(f[k], digits):>13s}" for k, (_, digits) in columns.items())
-        print(f"{name:19s}{cells}{mean_interval(f['bytes_per_s'])[0]:11,.0f}")
-    print(f"ws_at: fraction of whitespace bytes where a chunk starts (the paper's figure; chance = "
-          f"the method's own rate); ws_after: ... where one starts on the next byte (chance = "
-          f"rate); on_ws / after_ws: share of boundaries at / right after whitespace (chance = "
-          f"whitespace's share of held-out bytes, {ws_share:.1%})")
-    print("\nboundaries on a held-out passage ('|' = chunk start, '_' = space), first seed:")
+        speeds = [v for v in f["bytes_per_s"] if v] or [0]  # a finished run resumed: none
+        print(f"{name:19s}{cells}{np.mean(speeds):11,.0f}")
+    print(f"ws_at: share of whitespace bytes where a chunk starts (the paper's figure), ws_after: "
+          f"... on the next byte (chance: the rate); on_ws / after_ws: share of boundaries at / "
+          f"right after whitespace (chance: whitespace's share of the bytes, {ws_share:.1%})")
+    print("\nboundaries in held-out text ('|' = chunk start, '_' = space), first seed:")
     for r in rows:
         if r["seed"] == cfg.seed:
             print(f"  {r['method']:19s} {r['sample']}")
@@ -717,6 +713,18 @@ def report(rows, cfg, ws_share, floor):
     print("\nclaims:\n" + "".join(f"  {line}\n" for line in lines)
           + f"  (--methods=all runs {' '.join(METHODS)}; --ablations adds the rl ablations)")
     return lines
+
+
+def plot(cfg, rows):
+    """Held-out bits per byte against training bytes, each method's first seed."""
+    def draw(plt):
+        for r in (r for r in rows if r["seed"] == cfg.seed):
+            plt.plot([e["train_bytes"] / 1e6 for e in r["curve"]], [e["bpb"] for e in r["curve"]],
+                     marker="o", label=f"{r['method']} (rate {r['rate']:.2f})")
+        plt.xlabel("training bytes (millions)")
+        plt.ylabel("held-out bits per byte")
+        plt.legend()
+    return save_figure(Path(cfg.out) / "bpb.png", draw)
 
 
 def main(argv=None):
@@ -742,7 +750,7 @@ def main(argv=None):
     lines = report(rows, cfg, ws_share, unigram_bits(val))
     seconds = time.time() - t_start
     path = save_results(cfg, ctx, dict(rows=rows, verdicts=lines, seconds=seconds))
-    print(f"\ntotal time {seconds:.0f}s; wrote {path}")
+    print(f"\ntotal time {seconds:.0f}s; wrote {path}, {plot(cfg, rows) or 'no figure'}")
     return rows
 
 

@@ -3,7 +3,8 @@ test_all.py: invariant tests of train.py and the four paper scripts (python -m p
 Tiny models, fixed seeds: under a minute on 2 CPU cores. `-k <script>` runs one script's tests;
 `-m gpu` runs each script's command line with --gpu on a CUDA machine (skipped without one).
 """
-import ast, contextlib, copy, dataclasses, itertools, json, math, os, random, re, shutil, signal
+import ast, contextlib, copy, dataclasses, importlib.util, itertools, json, math, os, random, re
+import shutil, signal
 import subprocess, sys, tempfile, threading, warnings
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import hnet_rl as hr
 import subliminal_dpo as sd
 
 torch.set_num_threads(1)  # tiny tensors; 2 threads on a shared 2-core box only add contention
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 ROOT = Path(__file__).resolve().parent
 warnings.filterwarnings("ignore", category=pytest.PytestUnknownMarkWarning)  # `gpu`: no pytest.ini
 gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -2694,9 +2696,9 @@ def test_hnet_rl_bad_input_is_one_line_before_any_work(argv, tmp_path, capsys, m
 
 
 def hr_fake_rows(space, after, rl_at, rl_after, rate=0.2, rl_bpb=2.1):
-    """Result rows of 3 seeds: the fixed rules' bpb, rl's ws_at / ws_after at its rate."""
+    """Result rows, a seed per value: the fixed rules' bpb, rl's ws_at / ws_after at its rate."""
     rows = []
-    for seed in range(3):
+    for seed in range(len(space)):
         common = dict(seed=seed, rate=rate, free_rate=rate, ws_base=0.2, on_ws=0.2, after_ws=0.2,
                       bytes_per_chunk=5.0, bytes_per_s=1.0)
         rows += [dict(common, method="space", bpb=space[seed], ws_at=1.0, ws_after=0.0),
@@ -2725,6 +2727,9 @@ def test_hnet_rl_verdicts_say_whether_the_papers_figure_is_reachable():
     untrained = hr.verdicts(hr_fake_rows([7.9] * 3, [7.9] * 3, [0.9] * 3, [0.1] * 3,
                                          rl_bpb=7.9), cfg, floor=4.5)
     assert all("learned nothing" in line for line in untrained) and len(untrained) == 3
+    # one seed that happens to align carries no verdict
+    one = "\n".join(hr.verdicts(hr_fake_rows([2.0], [2.1], [0.9], [0.1]), cfg, floor=4.5))
+    assert "-> one seed: no verdict" in one and "reproduced" not in one
 
 
 def test_hnet_rl_seeds_print_mean_and_interval(tmp_path, capsys):
@@ -2769,4 +2774,5 @@ def test_hnet_rl_compare_compiles_every_method_once_in_one_process(jobs):
     assert [r["method"] for r in rows] == list(hr.METHODS)
     assert all(math.isfinite(r["bpb"]) for r in rows)
     assert all(r["graphs"] >= 1 and r["recompiles"] <= 1 for r in rows)  # at most one more shape
+    assert not HAS_MATPLOTLIB or (SCRATCH / "compare" / "bpb.png").read_bytes()[:4] == b"\x89PNG"
     assert rows[0]["recompiles"] == rows[1]["recompiles"] == 0
