@@ -2076,18 +2076,24 @@ def script_case(name, out, gpu=False, B=4):
     Tiny on the CPU; with gpu=True the script's --gpu model (the configuration its users run)."""
     g = torch.Generator().manual_seed(5)
     common = dict(out=str(out), gpu=gpu, max_steps=2, warmup=1, log_every=1, batch_size=B, lr=1e-3)
-    if name.startswith("hnet"):
-        small = {} if gpu else dict(n_embd=32, n_head=2, n_enc=1, n_main=1, n_dec=1, seq_len=16, window=8)
-        cfg, method = hr.Config(**common, **small, **({} if gpu else dict(grad_accum=1))), name[5:]
-        L = cfg.seq_len
-        batch = dict(x=torch.randint(0, 256, (B, L + 1), generator=g), noise=torch.rand(B, L, generator=g))
-        return cfg, hr.ChunkedByteLM(cfg, method), batch, hr.loss_fn_for(cfg, method)
     kind = name.split(":")[1]
+    if name.startswith("hnet"):
+        return hnet_case(kind, common, g, gpu, B)
     if name.startswith("dva"):
         return dva_case(kind, common, g, gpu, B)
     if name.startswith("fisher"):
         return fisher_case(kind, common, g, gpu, B)
     return subliminal_case(common, g, gpu, B)
+
+
+def hnet_case(method, common, g, gpu, B):
+    small = dict(n_embd=32, n_head=2, n_enc=1, n_main=1, n_dec=1, seq_len=16, window=8,
+                 grad_accum=1)
+    cfg = hr.Config(**common, **({} if gpu else small))
+    L = cfg.seq_len
+    batch = dict(x=torch.randint(0, 256, (B, L + 1), generator=g),
+                 noise=torch.rand(B, L, generator=g))
+    return cfg, hr.ChunkedByteLM(cfg, method), batch, hr.loss_fn_for(cfg, method)
 
 
 def dva_case(kind, common, g, gpu, B):
@@ -2215,9 +2221,9 @@ def run_on_the_gpu(script, tmp_path, resume=True):
 
 def fake_memory(build, bf16=False):
     """GiB one training micro-step needs, estimated on any machine without allocating anything:
-    build() -> (model, loss_fn, rows) runs under FakeTensorMode, so no tensor holds data. Counted:
-    16 bytes per parameter (fp32 weights, gradients, AdamW's two moments) and every tensor autograd
-    saves for backward; bf16=True runs the forward under CPU bf16 autocast, standing in for --gpu's."""
+    build() -> (model, loss_fn, rows) runs under FakeTensorMode, so no tensor holds data.
+    Counted: 16 bytes per parameter (fp32 weights, gradients, AdamW's two moments) and every
+    tensor autograd saves for backward; bf16=True: CPU bf16 autocast, standing in for --gpu's."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.multiprocessing.reductions import StorageWeakRef
     saved = {}
