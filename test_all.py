@@ -4,7 +4,7 @@ Tiny models, fixed seeds: under a minute on 2 CPU cores. `-k <script>` runs one 
 `-m gpu` runs each script's command line with --gpu on a CUDA machine (skipped without one).
 """
 import ast, contextlib, copy, dataclasses, importlib.util, itertools, json, math, os, random, re
-import shutil, signal
+import runpy, shutil, signal
 import subprocess, sys, tempfile, threading, warnings
 from pathlib import Path
 
@@ -59,6 +59,19 @@ class Job:
         return self.process.returncode, self.err
 
 
+def run_as_script(script, argv, capsys):
+    """`python <script> <argv>` in this process, its `__main__` block included: (exit code,
+    stderr). For input refused before any work, where a new interpreter would only cost time."""
+    code = 0
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", [script, *argv])
+        try:
+            runpy.run_path(str(ROOT / script), run_name="__main__")
+        except SystemExit as e:
+            code = e.code
+    return code, capsys.readouterr().err
+
+
 def ddp_job(rank):
     return ["-c", f"import test_all\ntest_all.ddp_worker({rank}, 2, {str(SCRATCH / 'ddp')!r})"]
 
@@ -70,16 +83,12 @@ SUBLIMINAL_TINY = ["--threads=1", "--seeds=1", "--rounds=1", "--n_layer=1", "--n
                    "--prompts=32", "--eval_prompts=4", "--conditions=random labels DPO"]
 SEEDS_STEPS_ROUNDS = ("--seeds", "--pretrain_steps", "--rounds")
 JOBS = {  # name -> (command line, the tests that read its result[, stderr that triggers Ctrl-C])
-    "train_bad_flag": (["train.py", "--bench", "--lr=-3"], ["test_train_bad_flag_is_one_line"]),
     "train_ctrl_c": (["-c", "import train\ndef main():\n raise KeyboardInterrupt\ntrain.cli(main)"],
                      ["test_train_ctrl_c_outside_the_loop_is_one_line"]),
     "ddp0": (ddp_job(0), ["test_train_two_ranks_equal_one_process",
                           "test_train_two_ranks_equal_one_process_for_every_script"]),
     "ddp1": (ddp_job(1), ["test_train_two_ranks_equal_one_process",
                           "test_train_two_ranks_equal_one_process_for_every_script"]),
-    "dva": (["diffusion_vs_ar.py", "--widths=5"], ["test_dva_cli_bad_input_is_one_line"]),
-    "subliminal": (["subliminal_dpo.py", "--target=tiger"],
-                   ["test_subliminal_dpo_cli_errors_are_one_line"]),
     "subliminal_ctrl_c": ([
         "subliminal_dpo.py",
         *[a for a in SUBLIMINAL_TINY if a.split("=")[0] not in SEEDS_STEPS_ROUNDS],
@@ -87,20 +96,18 @@ JOBS = {  # name -> (command line, the tests that read its result[, stderr that 
         f"--out={SCRATCH}/subliminal_ctrl_c"],
         ["test_subliminal_ctrl_c_with_seeds_in_worker_processes_is_one_line"],
         ["pretrain entangled base (seed 0)", "pretrain entangled base (seed 1)"]),
-    "hnet": (["hnet_rl.py", "--methods=magic"], ["test_hnet_rl_cli_rejects_bad_input"]),
     # each kind of hnet_rl method compiled in one process (aot_eager stands in for inductor)
     "hnet_compare": (["hnet_rl.py", "--methods=rl hnet space bpe", "--seeds=1", "--compile",
                       "--compile_backend=aot_eager", *TINY_HNET, "--max_steps=12",
                       "--eval_every=12", f"--out={SCRATCH}/compare"],
                      ["test_hnet_rl_compare_compiles_each_kind_of_method_once"]),
-    "fisher": (["fisher_ood.py", "--model=bogus"], ["test_fisher_cli_bad_input"]),
 }
 
 
 @pytest.fixture(scope="session")
 def jobs(request):
     """The first test that reads a job starts every job the selected tests read: they run on the
-    other core beside the suite (`-k fisher` starts only fisher's, `-m gpu` none)."""
+    other core beside the suite (`-k hnet` starts only hnet's, `-m gpu` none)."""
     selected = {item.originalname for item in request.session.items}
     started = {name: Job(args, *more) for name, (args, readers, *more) in JOBS.items()
                if selected & set(readers)}
@@ -155,8 +162,8 @@ def test_train_help_text_comes_from_field_comments(capsys):
     assert "model width (90% of it)" in out and "peak learning rate" in out
 
 
-def test_train_bad_flag_is_one_line(jobs, tmp_path, capsys):
-    code, err = jobs["train_bad_flag"].result()
+def test_train_bad_flag_is_one_line(tmp_path, capsys):
+    code, err = run_as_script("train.py", ["--bench", "--lr=-3"], capsys)
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
     if not torch.cuda.is_available():  # --gpu without CUDA: one line, before any work
         with pytest.raises(SystemExit) as e:
@@ -777,8 +784,8 @@ def test_dva_floor_and_true_epochs():
     assert sorted(torch.cat([rows(4 + j) for j in range(4)]).tolist()) == list(range(16))
 
 
-def test_dva_cli_bad_input_is_one_line(jobs):
-    code, err = jobs["dva"].result()
+def test_dva_cli_bad_input_is_one_line(capsys):
+    code, err = run_as_script("diffusion_vs_ar.py", ["--widths=5"], capsys)
     assert code == 2 and "Traceback" not in err and "width 5" in err
     with pytest.raises(SystemExit) as e:
         dva.main(["--data=/no/such/file.txt"])
@@ -1447,8 +1454,8 @@ def test_subliminal_ctrl_c_in_alignment_does_not_promise_a_resume(tmp_path, monk
     assert e.value.code == 130 and len(err) == 1 and "--resume" not in err[0], err
 
 
-def test_subliminal_dpo_cli_errors_are_one_line(jobs, capsys):
-    code, err = jobs["subliminal"].result()  # one real process: exit code, no traceback
+def test_subliminal_dpo_cli_errors_are_one_line(capsys):
+    code, err = run_as_script("subliminal_dpo.py", ["--target=tiger"], capsys)
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     for args in (["--nope=1"], ["--workers=-1"], ["--k=1"], ["--conditions=biased PPO"],
                  ["--beta=-1"]):
@@ -1940,8 +1947,8 @@ def test_fisher_datasets_deterministic():
     assert [len(v) for v in sets.values()] == [30, 20, 20] + [20] * len(fo.OOD_SETS)
 
 
-def test_fisher_cli_bad_input(jobs, capsys):
-    code, err = jobs["fisher"].result()
+def test_fisher_cli_bad_input(capsys):
+    code, err = run_as_script("fisher_ood.py", ["--model=bogus"], capsys)
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and "error" in lines[0] and "Traceback" not in err, err
     # --model=vae,vae counted every pairing twice; --n_test=4 --n_ood=2 is too small for B = 5
@@ -2680,8 +2687,8 @@ def test_hnet_rl_evaluation_stays_on_the_device():
     assert sums.device.type == "meta" and sums.shape == (9,)
 
 
-def test_hnet_rl_cli_rejects_bad_input(jobs):
-    code, err = jobs["hnet"].result()
+def test_hnet_rl_cli_rejects_bad_input(capsys):
+    code, err = run_as_script("hnet_rl.py", ["--methods=magic"], capsys)
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
     cfg = hr.parse_config(hr.Config, "hnet_rl", ["--gpu"])  # real-scale config parses
     assert (cfg.n_embd, cfg.n_enc, cfg.n_main, cfg.n_dec, cfg.seq_len) == (768, 4, 12, 4, 4096)
