@@ -615,7 +615,7 @@ def summarise(runs):
     """95% intervals (over seeds, or one seed's DeLong) and verdicts per pairing and for the mean
     difference per model and overall."""
     def interval(values, ses):  # one seed: SE 0 (perfect separation) is known
-        return mean_interval(values, shared_se=max(ses[0], 1e-300) if len(runs) == 1 else 0.0)
+        return mean_interval(values, shared_se=ses[0] if len(runs) == 1 else None)
 
     pairings = []
     for same in zip(*[run["rows"] for run in runs]):

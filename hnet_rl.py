@@ -129,15 +129,16 @@ class BoundaryPolicy(nn.Module):
         rho = self.cfg.rate
         logits = self.cfg.gate_scale * self.gate(h).float()[..., 0] + math.log(rho / (1 - rho))
         logits = 6 * torch.tanh((logits + self.offset) / 6)  # softcap: (B, L) in (-6, 6)
+        p = torch.sigmoid(logits)
         with torch.no_grad():
-            a = torch.sigmoid(logits) > noise
+            a = p > noise
             a[:, 0] = True  # forced: the first byte starts a chunk (no gradient: masked below)
         logp = torch.where(a, F.logsigmoid(logits), F.logsigmoid(-logits))  # log pi(a_t)
         if self.training and self.cfg.rate_offset == "on":  # integral control of the rate
             with torch.no_grad():  # moves the next step's logits, not these
                 self.offset -= RATE_OFFSET_LR * (global_mean(a[:, 1:].float()) - self.cfg.rate)
         # gate_logits, not logits (the LM head's key): the rate control must reach the gate
-        return dict(b=a, gate_logits=logits, p=torch.sigmoid(logits), logp=logp)
+        return dict(b=a, gate_logits=logits, p=p, logp=logp)
 
 
 def discounted_returns(adv, gamma):
@@ -327,10 +328,8 @@ def loss_fn_for(cfg, method):
     return loss_fn
 
 
-def is_whitespace(x):
-    ws = torch.zeros(256, dtype=torch.bool, device=x.device)
-    ws[list(WHITESPACE)] = True
-    return ws[x]
+def is_whitespace(x):  # comparisons, not a table lookup: no host-to-device copy per step
+    return torch.stack([x == code for code in WHITESPACE]).any(0)
 
 
 def rule_boundaries(method, x, noise, rate):
@@ -566,6 +565,7 @@ def evaluate(model, cfg, val, val_bounds, device):
 @torch.no_grad()
 def show_boundaries(model, val, val_bounds, device, n=120):
     """One held-out passage with `|` before every chunk start and `_` for spaces."""
+    model.eval()  # a forward in training mode would also move rl's rate offset
     x = val[:n][None].to(device)
     given = val_bounds[:n][None].to(device) if val_bounds is not None else None
     noise = torch.rand(1, n, generator=torch.Generator().manual_seed(7)).to(device)

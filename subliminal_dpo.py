@@ -176,8 +176,10 @@ def dpo_loss(policy_c, policy_r, ref_c, ref_r, beta):
 def dpo_batch_loss(model, b, beta):
     """DPO on rows {prompt, chosen, rejected, ref_c, ref_r}: one forward of 2B rows."""
     B = len(b["prompt"])
-    both = sequence_logp(model, torch.cat([b["prompt"], b["prompt"]]),
-                         torch.cat([b["chosen"], b["rejected"]]))
+    # fp32 as the references were scored: under --gpu's bf16 the margin would not start at 0
+    with torch.autocast(b["prompt"].device.type, enabled=False):
+        both = sequence_logp(model, torch.cat([b["prompt"], b["prompt"]]),
+                             torch.cat([b["chosen"], b["rejected"]]))
     return dpo_loss(both[:B], both[B:], b["ref_c"], b["ref_r"], beta)
 
 
@@ -392,7 +394,8 @@ CONDITIONS = {
     "finetuned DPO swapped": ("entangled", "finetuned", "swapped"),
 }
 DEFAULT_CONDITIONS = list(CONDITIONS)
-BASE_FIELDS = ("n_layer", "n_head", "n_embd", "pretrain_steps", "pretrain_lr", "pretrain_batch")
+BASE_FIELDS = ("n_layer", "n_head", "n_embd", "pretrain_steps", "pretrain_lr", "pretrain_batch",
+               "weight_decay", "beta2", "grad_clip")
 
 
 def base_path(cfg, seed, world):

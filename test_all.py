@@ -1389,8 +1389,8 @@ def test_subliminal_resume_with_other_pretraining_flags_is_refused(tmp_path, mon
 
 
 def test_subliminal_seeds_in_parallel_processes_equal_one_after_another(tmp_path, monkeypatch):
-    # a real pool (tasks and records pickled), without re-importing torch
-    monkeypatch.setattr(sd, "POOL_START", "fork")
+    # a real pool of spawned workers, as users run it (a forked worker that trains can inherit a
+    # lock another thread of this process held at the fork, and wait for it for ever)
     cfg = sd.parse_config(sd.Config, "subliminal_dpo", SUBLIMINAL_TINY + ["--seeds=2",
                                                                           f"--out={tmp_path}"])
     ctx = train.Ctx(torch.device("cpu"), False)
