@@ -26,7 +26,6 @@ torch.set_num_threads(1)  # tiny tensors; 2 threads on a shared 2-core box only 
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 ROOT = Path(__file__).resolve().parent
 warnings.filterwarnings("ignore", category=pytest.PytestUnknownMarkWarning)  # `gpu`: no pytest.ini
-gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 # the jobs' --out; child processes that import this file share it
 SCRATCH = Path(os.environ.get("TEST_ALL_SCRATCH") or tempfile.mkdtemp(prefix="test_all."))
 os.environ["TEST_ALL_SCRATCH"] = str(SCRATCH)
@@ -2328,7 +2327,7 @@ def test_scripts_help_lists_only_flags_they_use(script, cls, capsys):
     assert e.value.code == 2
 
 
-# ---- hnet_rl.py (last: its compiled --methods=all job is the longest)
+# ---- hnet_rl.py (last: its compiled job is the longest)
 
 def hr_tiny_cfg(**kw):
     base = dict(n_embd=16, n_head=2, n_enc=1, n_main=1, n_dec=1, window=6, seq_len=24,
